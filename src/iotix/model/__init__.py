@@ -1,0 +1,1 @@
+"""Device models: specs, generators and the batch runtime."""

@@ -1,0 +1,870 @@
+"""The batch runtime: a whole shard of devices of one model, evaluated column by column.
+
+``DeviceBatch`` is pure: it never reads the clock, sleeps or does I/O. The caller (the
+preview, the engine's worker, a test) owns time and asks ``advance(now_s)`` for every
+message due up to ``now_s``; ``next_due_s()`` says when to ask next. Each round of
+``advance`` samples all fields of the devices that have something due, applies state
+transitions, raises events, and encodes the payloads of the messages to send.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from iotix.errors import ExpressionError
+from iotix.model.expr import Expression, compile_expression
+from iotix.model.generators import (
+    BuildContext,
+    FieldGenerator,
+    Rows,
+    build_generator,
+    dependencies,
+    template_names,
+)
+from iotix.model.schedules import OnChangeSchedule, PoissonSchedule, Schedule, build_schedule
+from iotix.model.spec import (
+    ChoiceSpec,
+    DeviceModelSpec,
+    EventSpec,
+    ExpressionAttributeSpec,
+    FieldSpec,
+    PoissonScheduleSpec,
+    TemplateAttributeSpec,
+)
+from iotix.payload.codec import Encoder, build_encoder
+from iotix.payload.spec import JSONPayloadSpec
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from iotix.model.streams import F64
+    from iotix.payload.spec import PayloadSpec
+
+DEFAULT_TOPIC = "devices/{device_id}/{message}"
+DEFAULT_EVENT_TOPIC = "devices/{device_id}/events"
+DEFAULT_REPLY_TOPIC = "devices/{device_id}/replies/{command}"
+EVENT_NAMES = ("event", "severity", "active")
+REPLY_NAMES = ("command", "status")
+
+
+class MessageKind(enum.Enum):
+    TELEMETRY = "telemetry"
+    EVENT = "event"
+    REPLY = "reply"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message a device sends: where, what, and when it was meant to go."""
+
+    device_index: int
+    device_id: str
+    name: str
+    kind: MessageKind
+    topic: str
+    payload: bytes
+    due_s: float
+    seq: int
+    qos: int = 0
+    retain: bool = False
+
+
+class CommandStatus(enum.Enum):
+    OK = "ok"
+    REJECTED = "rejected"
+    UNKNOWN = "unknown_command"
+    OFFLINE = "offline"
+
+
+@dataclass
+class _Outlet:
+    """A scheduled source of messages: a message type or a random-rate event."""
+
+    name: str
+    kind: MessageKind
+    schedule: Schedule
+    encoder: Encoder
+    topic: str
+    qos: int
+    retain: bool
+    states: frozenset[int] | None
+    seq: npt.NDArray[np.int64]
+    topics: list[str | None]
+    fields: tuple[str, ...]
+    severity: str = ""
+
+
+@dataclass
+class _ConditionEvent:
+    name: str
+    spec: EventSpec
+    when: Expression | None
+    clear_when: Expression | None
+    on_enter: int | None
+    encoder: Encoder
+    topic: str
+    seq: npt.NDArray[np.int64]
+    active: npt.NDArray[np.bool_]
+    topics: list[str | None]
+
+
+class _Env(Mapping[str, Any]):
+    """Names visible to expressions for the sampled rows, computed on first use."""
+
+    def __init__(self, batch: DeviceBatch, rows: Rows, t: F64) -> None:
+        self._batch = batch
+        self.rows = rows
+        self.t = t
+        self.cache: dict[str, Any] = {"t": t}
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self.cache[name]
+        except KeyError:
+            value = self._batch._lookup(name, self)  # noqa: SLF001 - a friend class
+            self.cache[name] = value
+            return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._batch.names)
+
+    def __len__(self) -> int:
+        return len(self._batch.names)
+
+
+class DeviceBatch:
+    """Devices ``indices`` of one model, from ``seed``, starting at ``start_epoch_s``."""
+
+    def __init__(
+        self,
+        spec: DeviceModelSpec,
+        *,
+        indices: Sequence[int] | npt.NDArray[np.int64],
+        seed: int = 0,
+        start_epoch_s: float = 0.0,
+        base_dir: Path | None = None,
+    ) -> None:
+        self.spec = spec
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.size = len(self.indices)
+        self.start_epoch_s = start_epoch_s
+        ctx = BuildContext(seed, self.indices, start_epoch_s, base_dir)
+        self._ctx = ctx
+
+        self._attributes = self._build_attributes()
+        self.device_ids: list[str] = self._build_ids()
+
+        machine = spec.states
+        self.state_names: list[str] = list(machine.states) if machine else ["default"]
+        self._state_table = np.array(self.state_names, dtype=object)
+        self._state_code = {name: code for code, name in enumerate(self.state_names)}
+        if machine is None:
+            self.state = np.zeros(self.size, dtype=np.int16)
+        elif isinstance(machine.initial, ChoiceSpec):
+            drawn = ctx.draw(machine.initial, "states.initial")
+            self.state = np.array([self._state_code[s] for s in drawn.tolist()], dtype=np.int16)
+        else:
+            self.state = np.full(self.size, self._state_code[machine.initial], dtype=np.int16)
+        self.entered_s = np.zeros(self.size)
+        self.offline_until_s = np.full(self.size, -np.inf)
+
+        self._field_order = _field_order(spec)
+        self._generators: dict[str, FieldGenerator] = {
+            name: build_generator(spec.fields[name], ctx, f"fields.{name}")
+            for name in self._field_order
+        }
+        self._overrides: dict[str, dict[int, FieldGenerator]] = {}
+        if machine is not None:
+            for state_name, state in machine.states.items():
+                for name, field_spec in state.fields.items():
+                    self._overrides.setdefault(name, {})[self._state_code[state_name]] = (
+                        build_generator(field_spec, ctx, f"states.{state_name}.fields.{name}")
+                    )
+        self._transitions = self._build_transitions()
+        self._outlets = self._build_outlets()
+        self._events = self._build_condition_events()
+        self._encoders: dict[tuple[MessageKind, str], Encoder] = {
+            (o.kind, o.name): o.encoder for o in self._outlets
+        }
+        self._encoders.update({(MessageKind.EVENT, e.name): e.encoder for e in self._events})
+        self._commands = self._build_commands()
+        self._replies: list[tuple[float, int, Message]] = []
+        self._reply_count = 0
+        self._reply_seq = np.zeros(self.size, dtype=np.int64)
+        self.names = frozenset(
+            {"device_id", "index", "model", "t", "ts", "ts_ms", "state"}
+            | set(self._attributes)
+            | set(spec.fields)
+        )
+
+    # --- construction -----------------------------------------------------------
+
+    def _build_attributes(self) -> dict[str, Any]:
+        attributes: dict[str, Any] = {}
+        env: dict[str, Any] = {"index": self.indices, "model": self.spec.name}
+        for name, value in self.spec.attributes.items():
+            if isinstance(value, ExpressionAttributeSpec):
+                result = compile_expression(value.expr)(env | attributes)
+                drawn = np.broadcast_to(np.asarray(result), (self.size,)).copy()
+            elif isinstance(value, TemplateAttributeSpec):
+                columns = env | attributes
+                drawn = np.array(
+                    [value.template.format(**_row_of(columns, row)) for row in range(self.size)],
+                    dtype=object,
+                )
+            else:
+                drawn = self._ctx.draw(value, f"attributes.{name}")
+                if not isinstance(drawn, np.ndarray):
+                    drawn = np.full(
+                        self.size, drawn, dtype=object if isinstance(drawn, str) else None
+                    )
+            attributes[name] = drawn
+        return attributes
+
+    def _build_ids(self) -> list[str]:
+        template = self.spec.id
+        used = set(template_names(template))
+        columns: dict[str, Any] = {"index": self.indices, "model": self.spec.name}
+        columns.update({name: self._attributes[name] for name in used if name in self._attributes})
+        if used <= {"index", "model"}:
+            model = self.spec.name
+            return [template.format(index=i, model=model) for i in self.indices.tolist()]
+        return [template.format(**_row_of(columns, row)) for row in range(self.size)]
+
+    def _build_transitions(
+        self,
+    ) -> list[tuple[int | None, int, Any, Expression | None, str | None]]:
+        machine = self.spec.states
+        transitions: list[tuple[int | None, int, Any, Expression | None, str | None]] = []
+        if machine is None:
+            return transitions
+        for number, transition in enumerate(machine.transitions):
+            source = None if transition.from_ == "*" else self._state_code[transition.from_]
+            after = (
+                None
+                if transition.after_s is None
+                else self._ctx.param(transition.after_s, f"states.transitions[{number}].after_s")
+            )
+            when = None if transition.when is None else compile_expression(transition.when)
+            transitions.append(
+                (source, self._state_code[transition.to], after, when, transition.on_command)
+            )
+        return transitions
+
+    def _build_outlets(self) -> list[_Outlet]:
+        outlets = []
+        all_fields = tuple(self.spec.fields)
+        for name, message in self.spec.messages.items():
+            fields = tuple(message.fields) if message.fields is not None else all_fields
+            outlets.append(
+                _Outlet(
+                    name=name,
+                    kind=MessageKind.TELEMETRY,
+                    schedule=build_schedule(message.schedule, self._ctx, f"messages.{name}"),
+                    encoder=build_encoder(
+                        message.payload, default_names=("device_id", "ts_ms", "seq", *fields)
+                    ),
+                    topic=message.topic or DEFAULT_TOPIC,
+                    qos=message.qos,
+                    retain=message.retain,
+                    states=self._state_set(message.states),
+                    seq=np.zeros(self.size, dtype=np.int64),
+                    topics=[None] * self.size,
+                    fields=fields,
+                )
+            )
+        for name, event in self.spec.events.items():
+            if event.rate_per_hour is None:
+                continue
+            rate = event.rate_per_hour
+            rate_hz: Any = (
+                rate / 3600.0
+                if isinstance(rate, float | int)
+                else rate.model_copy(
+                    update={
+                        k: getattr(rate, k) / 3600.0
+                        for k in ("low", "high", "mean", "stddev")
+                        if hasattr(rate, k)
+                    }
+                )
+            )
+            schedule = PoissonSchedule(
+                PoissonScheduleSpec(kind="poisson", rate_hz=rate_hz), self._ctx, f"events.{name}"
+            )
+            fields = tuple(event.fields or ())
+            outlets.append(
+                _Outlet(
+                    name=name,
+                    kind=MessageKind.EVENT,
+                    schedule=schedule,
+                    encoder=self._event_encoder(event.payload, fields),
+                    topic=event.topic or DEFAULT_EVENT_TOPIC,
+                    qos=event.qos,
+                    retain=False,
+                    states=None,
+                    seq=np.zeros(self.size, dtype=np.int64),
+                    topics=[None] * self.size,
+                    fields=fields,
+                    severity=event.severity,
+                )
+            )
+        return outlets
+
+    def _event_encoder(self, payload: PayloadSpec | None, fields: tuple[str, ...]) -> Encoder:
+        return build_encoder(
+            payload or JSONPayloadSpec(kind="json"),
+            default_names=("device_id", *EVENT_NAMES, "state", "ts_ms", "seq", *fields),
+        )
+
+    def _build_condition_events(self) -> list[_ConditionEvent]:
+        events = []
+        for name, event in self.spec.events.items():
+            if event.rate_per_hour is not None:
+                continue
+            events.append(
+                _ConditionEvent(
+                    name=name,
+                    spec=event,
+                    when=None if event.when is None else compile_expression(event.when),
+                    clear_when=(
+                        None if event.clear_when is None else compile_expression(event.clear_when)
+                    ),
+                    on_enter=None if event.on_enter is None else self._state_code[event.on_enter],
+                    encoder=self._event_encoder(event.payload, tuple(event.fields or ())),
+                    topic=event.topic or DEFAULT_EVENT_TOPIC,
+                    seq=np.zeros(self.size, dtype=np.int64),
+                    active=np.zeros(self.size, dtype=bool),
+                    topics=[None] * self.size,
+                )
+            )
+        return events
+
+    def _state_set(self, names: list[str] | None) -> frozenset[int] | None:
+        return None if names is None else frozenset(self._state_code[n] for n in names)
+
+    # --- names for expressions, templates and payloads --------------------------
+
+    def _lookup(self, name: str, env: _Env) -> Any:
+        rows = env.rows
+        if name in self._attributes:
+            return self._attributes[name][rows]
+        if name == "index":
+            return self.indices[rows]
+        if name == "device_id":
+            ids = self.device_ids
+            return np.array([ids[r] for r in rows.tolist()], dtype=object)
+        if name == "state":
+            return self._state_table[self.state[rows]]
+        if name == "ts":
+            return self.start_epoch_s + env.t
+        if name == "ts_ms":
+            return np.round((self.start_epoch_s + env.t) * 1000.0).astype(np.int64)
+        if name == "model":
+            return self.spec.name
+        raise KeyError(name)
+
+    # --- time -------------------------------------------------------------------
+
+    def next_due_s(self) -> float:
+        """The earliest virtual time at which ``advance`` has something to send."""
+        due = min((float(o.schedule.due.min()) for o in self._outlets), default=np.inf)
+        if self._replies:
+            due = min(due, self._replies[0][0])
+        return due
+
+    def advance(self, now_s: float) -> list[Message]:
+        """Every message due at or before ``now_s``, in rounds, oldest first per device."""
+        out: list[Message] = []
+        while self._replies and self._replies[0][0] <= now_s:
+            out.append(heapq.heappop(self._replies)[2])
+        if self.size == 0:
+            return out
+        while True:
+            due_rows = [np.flatnonzero(o.schedule.due <= now_s) for o in self._outlets]
+            if not any(len(r) for r in due_rows):
+                return out
+            self._round(due_rows, out)
+
+    def _round(self, due_rows: list[npt.NDArray[np.intp]], out: list[Message]) -> None:
+        all_rows = np.concatenate(due_rows)
+        all_due = np.concatenate(
+            [o.schedule.due[r] for o, r in zip(self._outlets, due_rows, strict=True)]
+        )
+        order = np.lexsort((all_due, all_rows))
+        sorted_rows = all_rows[order]
+        rows, first = np.unique(sorted_rows, return_index=True)
+        t = all_due[order][first]
+        online = self.offline_until_s[rows] <= t
+        if not online.all():
+            rows, t = rows[online], t[online]
+        env = _Env(self, rows, t)
+        self._sample_fields(env)
+        state_before = self.state[rows]
+        entered = self._apply_transitions(env)
+        self._raise_condition_events(env, entered, out)
+        for outlet, fired in zip(self._outlets, due_rows, strict=True):
+            if len(fired) == 0:
+                continue
+            due = outlet.schedule.due[fired]
+            positions = np.searchsorted(rows, fired)
+            positions = np.minimum(positions, max(len(rows) - 1, 0))
+            live = (rows[positions] == fired) if len(rows) else np.zeros(len(fired), bool)
+            if outlet.states is not None and live.any():
+                live &= np.isin(state_before[positions], list(outlet.states))
+            if isinstance(outlet.schedule, OnChangeSchedule) and live.any():
+                watched = {
+                    name: np.asarray(env[name], dtype=np.float64)[positions[live]]
+                    for name in self._watched(outlet)
+                }
+                sending = outlet.schedule.changed(fired[live], watched, due[live])
+                live[np.flatnonzero(live)[~sending]] = False
+            if live.any():
+                self._emit(outlet, env, positions[live], due[live], out)
+            outlet.schedule.fire(fired)
+
+    def _watched(self, outlet: _Outlet) -> list[str]:
+        spec = self.spec.messages[outlet.name].schedule
+        watch = getattr(spec, "watch", None)
+        return list(watch) if watch else [f for f in outlet.fields if f in self.spec.fields]
+
+    def _sample_fields(self, env: _Env) -> None:
+        rows, t = env.rows, env.t
+        for name in self._field_order:
+            overrides = self._overrides.get(name)
+            if not overrides:
+                env.cache[name] = self._generators[name].sample(rows, t, env)
+                continue
+            codes = self.state[rows]
+            parts, where = [], []
+            base_mask = ~np.isin(codes, list(overrides))
+            groups = [(self._generators[name], base_mask)] + [
+                (generator, codes == code) for code, generator in overrides.items()
+            ]
+            for generator, mask in groups:
+                if mask.any():
+                    sub = _SubEnv(env, mask)
+                    parts.append(np.asarray(generator.sample(rows[mask], t[mask], sub)))
+                    where.append(np.flatnonzero(mask))
+            merged = np.concatenate(parts) if parts else np.empty(0)
+            values = np.empty(len(rows), dtype=merged.dtype)
+            values[np.concatenate(where) if where else np.empty(0, np.intp)] = merged
+            env.cache[name] = values
+
+    def _apply_transitions(self, env: _Env) -> npt.NDArray[np.bool_]:
+        """Move rows whose transition fired; returns which rows entered a new state."""
+        rows = env.rows
+        entered = np.zeros(len(rows), dtype=bool)
+        if not self._transitions:
+            return entered
+        codes = self.state[rows]
+        for source, target, after, when, command in self._transitions:
+            if command is not None:
+                continue
+            candidates = ~entered if source is None else (~entered & (codes == source))
+            if not candidates.any():
+                continue
+            if after is not None:
+                fire = candidates & (env.t - self.entered_s[rows] >= _at(after, rows))
+            else:
+                assert when is not None  # noqa: S101 - the spec guarantees one trigger
+                fire = candidates & np.asarray(_evaluate(when, env), dtype=bool)
+            if fire.any():
+                moved = rows[fire]
+                self.state[moved] = target
+                self.entered_s[moved] = env.t[fire]
+                entered |= fire
+        env.cache.pop("state", None)
+        return entered
+
+    def _raise_condition_events(
+        self, env: _Env, entered: npt.NDArray[np.bool_], out: list[Message]
+    ) -> None:
+        rows = env.rows
+        for event in self._events:
+            if event.on_enter is not None:
+                fire = entered & (self.state[rows] == event.on_enter)
+                if fire.any():
+                    self._emit_event(event, env, np.flatnonzero(fire), out, active=True)
+                continue
+            assert event.when is not None  # noqa: S101 - the spec guarantees one trigger
+            condition = np.asarray(_evaluate(event.when, env), dtype=bool)
+            active = event.active[rows]
+            rising = condition & ~active
+            if event.clear_when is None:
+                clearing = active & ~condition
+            else:
+                clearing = active & np.asarray(_evaluate(event.clear_when, env), dtype=bool)
+            event.active[rows[rising]] = True
+            event.active[rows[clearing]] = False
+            if rising.any():
+                self._emit_event(event, env, np.flatnonzero(rising), out, active=True)
+            if event.spec.send_clear and clearing.any():
+                self._emit_event(event, env, np.flatnonzero(clearing), out, active=False)
+
+    def _emit_event(
+        self,
+        event: _ConditionEvent,
+        env: _Env,
+        positions: npt.NDArray[np.intp],
+        out: list[Message],
+        *,
+        active: bool,
+    ) -> None:
+        outlet = _Outlet(
+            name=event.name,
+            kind=MessageKind.EVENT,
+            schedule=Schedule(),
+            encoder=event.encoder,
+            topic=event.topic,
+            qos=event.spec.qos,
+            retain=False,
+            states=None,
+            seq=event.seq,
+            topics=event.topics,
+            fields=tuple(event.spec.fields or ()),
+            severity=event.spec.severity,
+        )
+        self._emit(outlet, env, positions, env.t[positions], out, extra={"active": active})
+
+    def _emit(
+        self,
+        outlet: _Outlet,
+        env: _Env,
+        positions: npt.NDArray[np.intp],
+        due: F64,
+        out: list[Message],
+        *,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        rows = env.rows[positions]
+        seq = outlet.seq[rows]
+        outlet.seq[rows] = seq + 1
+        count = len(rows)
+        columns: dict[str, list[Any]] = {}
+        constants = {"seq": None, "message": outlet.name, "event": outlet.name}
+        constants["severity"] = outlet.severity
+        constants.update(extra or {})
+        for name in outlet.encoder.names:
+            if name == "seq":
+                columns[name] = seq.tolist()
+            elif name in constants:
+                columns[name] = [constants[name]] * count
+            else:
+                columns[name] = _column(env[name], positions, count)
+        names = list(columns)
+        encode = outlet.encoder.encode
+        ids = self.device_ids
+        indices = self.indices
+        for i, (row, t_due, number) in enumerate(
+            zip(rows.tolist(), due.tolist(), seq.tolist(), strict=True)
+        ):
+            record = {name: columns[name][i] for name in names}
+            out.append(
+                Message(
+                    device_index=int(indices[row]),
+                    device_id=ids[row],
+                    name=outlet.name,
+                    kind=outlet.kind,
+                    topic=self._topic(outlet, row),
+                    payload=encode(record),
+                    due_s=t_due,
+                    seq=number,
+                    qos=outlet.qos,
+                    retain=outlet.retain,
+                )
+            )
+
+    def _topic(self, outlet: _Outlet, row: int) -> str:
+        topic = outlet.topics[row]
+        if topic is None:
+            topic = self.render(outlet.topic, row, message=outlet.name, event=outlet.name)
+            outlet.topics[row] = topic
+        return topic
+
+    def render(self, template: str, row: int, **extra: Any) -> str:
+        """A topic or path template for one device (static names only)."""
+        values: dict[str, Any] = {
+            "device_id": self.device_ids[row],
+            "index": int(self.indices[row]),
+            "model": self.spec.name,
+        }
+        for name in template_names(template):
+            if name in self._attributes:
+                value = self._attributes[name][row]
+                values[name] = value.item() if isinstance(value, np.generic) else value
+        values.update(extra)
+        return template.format(**values)
+
+    # --- commands ---------------------------------------------------------------
+
+    def encoder_for(self, message: Message) -> Encoder:
+        """The encoder that built ``message``'s payload (to decode it in a preview)."""
+        return self._encoders[(message.kind, message.name)]
+
+    def _build_commands(self) -> dict[str, _Command]:
+        commands = self.spec.commands
+        compiled: dict[str, _Command] = {}
+        unknown_reply = build_encoder(
+            JSONPayloadSpec(kind="json"), default_names=("device_id", *REPLY_NAMES, "ts_ms")
+        )
+        self._encoders[(MessageKind.REPLY, "*")] = unknown_reply
+        if commands is None:
+            return compiled
+        for name, handler in commands.handlers.items():
+            path = f"commands.{name}"
+            target = handler.state
+            on_command = {
+                source: target_code
+                for source, target_code, _, _, command in self._transitions
+                if command == name
+            }
+            reply = handler.reply
+            encoder = None
+            if reply is not None:
+                encoder = build_encoder(
+                    reply.payload or JSONPayloadSpec(kind="json"),
+                    default_names=("device_id", *REPLY_NAMES, *reply.values, "ts_ms"),
+                )
+                self._encoders[(MessageKind.REPLY, name)] = encoder
+            compiled[name] = _Command(
+                name=name,
+                accept=None
+                if handler.accept_when is None
+                else compile_expression(handler.accept_when),
+                sets={f: compile_expression(source) for f, source in handler.set.items()},
+                state=None if target is None else self._state_code[target],
+                on_command=on_command,
+                offline_s=(
+                    None
+                    if handler.offline_s is None
+                    else self._ctx.param(handler.offline_s, f"{path}.offline_s")
+                ),
+                reply_delay_s=(
+                    0.0
+                    if reply is None
+                    else self._ctx.param(reply.delay_s, f"{path}.reply.delay_s")
+                ),
+                reply_values={
+                    v: compile_expression(source)
+                    for v, source in (reply.values if reply else {}).items()
+                },
+                reply_encoder=encoder,
+                reply_topic=(reply.topic if reply and reply.topic else commands.reply_topic),
+            )
+        return compiled
+
+    def handle_command(self, row: int, command: str, payload: Any, now_s: float) -> CommandStatus:
+        """Apply a command to the device at position ``row``; its reply is queued and
+        comes out of ``advance`` once the handler's delay has passed."""
+        handler = self._commands.get(command)
+        if handler is None:
+            template = self.spec.commands.reply_topic if self.spec.commands else DEFAULT_REPLY_TOPIC
+            self._queue_reply(
+                row,
+                command=command,
+                status=CommandStatus.UNKNOWN,
+                values={},
+                due_s=now_s,
+                encoder=self._encoders[(MessageKind.REPLY, "*")],
+                template=template,
+            )
+            return CommandStatus.UNKNOWN
+        if self.offline_until_s[row] > now_s:
+            return CommandStatus.OFFLINE
+        rows = np.array([row], dtype=np.intp)
+        env = _CommandEnv(self, rows, np.array([now_s]), payload)
+        status = CommandStatus.OK
+        if handler.accept is not None and not bool(_scalar(_evaluate(handler.accept, env))):
+            status = CommandStatus.REJECTED
+        else:
+            for name, source in handler.sets.items():
+                value = _scalar(_evaluate(source, env))
+                for generator in self._settable(name):
+                    generator.set(rows, value)
+            code = int(self.state[row])
+            target = handler.on_command.get(code, handler.on_command.get(None, handler.state))
+            if target is not None and target != code:
+                self.state[row] = target
+                self.entered_s[row] = now_s
+            if handler.offline_s is not None:
+                self.offline_until_s[row] = now_s + _for_row(handler.offline_s, row)
+        if handler.reply_encoder is None:
+            return status
+        # Replies see the device as the command left it (a new setpoint, a new state).
+        after = _CommandEnv(self, rows, np.array([now_s]), payload)
+        values = {name: _scalar(_evaluate(e, after)) for name, e in handler.reply_values.items()}
+        due_s = now_s + _for_row(handler.reply_delay_s, row)
+        self._queue_reply(
+            row,
+            command=command,
+            status=status,
+            values=values,
+            due_s=due_s,
+            encoder=handler.reply_encoder,
+            template=handler.reply_topic,
+        )
+        return status
+
+    def _settable(self, name: str) -> list[FieldGenerator]:
+        found = [self._generators[name], *self._overrides.get(name, {}).values()]
+        return [g for g in found if g.settable]
+
+    def _queue_reply(
+        self,
+        row: int,
+        *,
+        command: str,
+        status: CommandStatus,
+        values: dict[str, Any],
+        due_s: float,
+        encoder: Encoder,
+        template: str,
+    ) -> None:
+        record: dict[str, Any] = {
+            "device_id": self.device_ids[row],
+            "index": int(self.indices[row]),
+            "model": self.spec.name,
+            "command": command,
+            "status": status.value,
+            "ts_ms": round((self.start_epoch_s + due_s) * 1000),
+            "ts": self.start_epoch_s + due_s,
+            "t": due_s,
+            "state": self.state_names[int(self.state[row])],
+            **values,
+        }
+        seq = int(self._reply_seq[row])
+        self._reply_seq[row] = seq + 1
+        record["seq"] = seq
+        name = command if command in self._commands else "*"
+        message = Message(
+            device_index=int(self.indices[row]),
+            device_id=self.device_ids[row],
+            name=name,
+            kind=MessageKind.REPLY,
+            topic=self.render(template, row, command=command),
+            payload=encoder.encode({n: record.get(n) for n in encoder.names}),
+            due_s=due_s,
+            seq=seq,
+            qos=1,
+        )
+        self._reply_count += 1
+        heapq.heappush(self._replies, (due_s, self._reply_count, message))
+
+
+@dataclass(frozen=True)
+class _Command:
+    """A command handler with its expressions compiled and parameters drawn."""
+
+    name: str
+    accept: Expression | None
+    sets: dict[str, Expression]
+    state: int | None
+    on_command: dict[int | None, int]
+    offline_s: Any
+    reply_delay_s: Any
+    reply_values: dict[str, Expression]
+    reply_encoder: Encoder | None
+    reply_topic: str
+
+
+class _SubEnv(Mapping[str, Any]):
+    """The parent environment restricted to a mask of its rows."""
+
+    def __init__(self, parent: _Env, mask: npt.NDArray[np.bool_]) -> None:
+        self._parent = parent
+        self._mask = mask
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._parent[name]
+        if isinstance(value, np.ndarray):
+            return value[self._mask]
+        if isinstance(value, Mapping):
+            return {k: v[self._mask] for k, v in value.items()}
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parent)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+
+class _CommandEnv(_Env):
+    """A single device's names while it handles a command: settable fields hold their
+    current values and ``payload`` is the command's decoded payload."""
+
+    def __init__(self, batch: DeviceBatch, rows: Rows, t: F64, payload: Any) -> None:
+        super().__init__(batch, rows, t)
+        self.cache["payload"] = payload
+        for name, generator in batch._generators.items():  # noqa: SLF001 - a friend class
+            if generator.settable:
+                self.cache[name] = generator.current(rows)
+
+
+def _evaluate(expression: Expression, env: Mapping[str, Any]) -> Any:
+    try:
+        return expression(env)
+    except KeyError as exc:
+        raise ExpressionError(
+            f"{exc.args[0]!r} is not available here", expression=expression.source
+        ) from exc
+
+
+def _at(param: Any, rows: Rows) -> Any:
+    return param[rows] if isinstance(param, np.ndarray) else param
+
+
+def _for_row(param: Any, row: int) -> float:
+    return float(param[row]) if isinstance(param, np.ndarray) else float(param)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _column(value: Any, positions: npt.NDArray[np.intp], count: int) -> list[Any]:
+    if isinstance(value, np.ndarray):
+        listed: list[Any] = value[positions].tolist()
+        return listed
+    if isinstance(value, Mapping):
+        parts = {key: part[positions].tolist() for key, part in value.items()}
+        return [{key: part[i] for key, part in parts.items()} for i in range(count)]
+    return [value] * count
+
+
+def _row_of(columns: Mapping[str, Any], row: int) -> dict[str, Any]:
+    values = {}
+    for name, column in columns.items():
+        value = column[row] if isinstance(column, np.ndarray) else column
+        values[name] = value.item() if isinstance(value, np.generic) else value
+    return values
+
+
+def _field_order(spec: DeviceModelSpec) -> list[str]:
+    """Fields in evaluation order: each after the fields it reads (checked acyclic)."""
+    specs: dict[str, FieldSpec] = dict(spec.fields)
+    order: list[str] = []
+    placed: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        if name in placed:
+            return
+        if name in trail:
+            raise ValueError("cycle: " + " -> ".join((*trail, name)))
+        for needed in sorted(dependencies(specs[name]) & specs.keys()):
+            visit(needed, (*trail, name))
+        placed.add(name)
+        order.append(name)
+
+    for name in specs:
+        visit(name, ())
+    return order

@@ -1,0 +1,479 @@
+"""Encoders: a payload spec compiled once, then run once per message.
+
+:func:`build_encoder` turns a :data:`~iotix.payload.spec.PayloadSpec` into an
+:class:`Encoder`. Templates are parsed at build time into a tree of small builder
+functions, so a message costs one dictionary lookup per placeholder and one call to the
+serialiser (orjson, cbor2, msgpack) and never re-parses the template.
+
+Rendering rules, shared by ``${name}`` interpolation and CSV cells: strings as they
+are, ``true``/``false`` for booleans, an empty string for ``None``, ``str()`` for
+numbers and compact JSON for lists and mappings; with a format spec
+(``${t:.1f}``) Python's :func:`format` decides. Text templates follow :meth:`str.format`
+exactly (so ``True`` renders as ``True`` there).
+
+Every problem while encoding raises :class:`~iotix.errors.PayloadError` whose ``path``
+says where in the spec (``template.sensors[0].value``, ``columns[2]``, ``fields[3]``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Protocol
+
+import cbor2
+import msgpack  # type: ignore[import-untyped]  # msgpack ships no type hints
+import orjson
+
+from iotix.errors import PayloadError
+from iotix.payload.binary import BinaryPayloadEncoder, DecodedField
+from iotix.payload.spec import (
+    BinaryPayloadSpec,
+    CBORPayloadSpec,
+    CSVPayloadSpec,
+    JSONPayloadSpec,
+    MsgPackPayloadSpec,
+    Placeholder,
+    RawPayloadSpec,
+    TextPayloadSpec,
+    dotted_path,
+    parse_placeholders,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+    from iotix.payload.spec import PayloadSpec
+
+__all__ = [
+    "CBORPayloadEncoder",
+    "CSVPayloadEncoder",
+    "DecodedField",
+    "Encoder",
+    "JSONPayloadEncoder",
+    "MsgPackPayloadEncoder",
+    "RawPayloadEncoder",
+    "TextPayloadEncoder",
+    "build_encoder",
+]
+
+
+class Encoder(Protocol):
+    """What the model layer runs per message; built by :func:`build_encoder`."""
+
+    #: The MIME type of the payload, for protocols that carry one (HTTP, CoAP, MQTT 5).
+    content_type: str
+    #: Every value name ``encode`` reads from the record.
+    names: frozenset[str]
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        """The payload of one message built from its record of values."""
+        ...
+
+    def decode(self, data: bytes) -> Any:
+        """A payload back as data: an object, a str, a dict of physical values or bytes."""
+        ...
+
+    def describe(self, data: bytes) -> list[DecodedField]:
+        """A binary payload field by field; an empty list for the other kinds."""
+        ...
+
+
+# ------------------------------------------------------------------------- rendering
+
+
+def render_value(value: Any) -> str:
+    """A value as text in an interpolated string or a CSV cell (see the module docs)."""
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, dict | list | tuple):
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    return str(value)
+
+
+def _missing(name: str, path: str) -> PayloadError:
+    return PayloadError(f"the record has no value named {name!r}", path=path)
+
+
+# ------------------------------------------------------------------------- templates
+
+
+def _constant(value: Any) -> Callable[[Mapping[str, Any]], Any]:
+    def build(_record: Mapping[str, Any]) -> Any:
+        return value
+
+    return build
+
+
+def _lookup(name: str, path: str) -> Callable[[Mapping[str, Any]], Any]:
+    def build(record: Mapping[str, Any]) -> Any:
+        try:
+            return record[name]
+        except KeyError:
+            raise _missing(name, path) from None
+
+    return build
+
+
+def _formatted(placeholder: Placeholder, path: str) -> Callable[[Mapping[str, Any]], str]:
+    name, format_spec = placeholder
+
+    def build(record: Mapping[str, Any]) -> str:
+        try:
+            value = record[name]
+        except KeyError:
+            raise _missing(name, path) from None
+        if format_spec is None:
+            return render_value(value)
+        try:
+            return format(value, format_spec)
+        except (TypeError, ValueError) as exc:
+            raise PayloadError(
+                f"value {name!r} = {value!r} cannot be formatted with {format_spec!r}: {exc}",
+                path=path,
+            ) from None
+
+    return build
+
+
+def _compile_string(text: str, path: str) -> tuple[Callable[[Mapping[str, Any]], Any], bool]:
+    parts = parse_placeholders(text)
+    if not any(isinstance(part, Placeholder) for part in parts):
+        return _constant("".join(str(part) for part in parts)), True
+    if len(parts) == 1 and isinstance(parts[0], Placeholder) and parts[0].format_spec is None:
+        # Exactly "${name}": the value keeps its type.
+        return _lookup(parts[0].name, path), False
+    pieces = [
+        _formatted(part, path) if isinstance(part, Placeholder) else _constant(part)
+        for part in parts
+    ]
+
+    def build(record: Mapping[str, Any]) -> str:
+        return "".join([piece(record) for piece in pieces])
+
+    return build, False
+
+
+def _compile_template(
+    template: Any, path: tuple[str | int, ...]
+) -> tuple[Callable[[Mapping[str, Any]], Any], bool]:
+    """A builder for a template node, and whether the node is constant.
+
+    Constant subtrees are built once and shared by every message; that is safe because
+    the encoders serialise the built object at once and never hand it out.
+    """
+    if isinstance(template, str):
+        return _compile_string(template, dotted_path(path))
+    if isinstance(template, dict):
+        keys: list[tuple[Callable[[Mapping[str, Any]], Any], bool]] = []
+        values: list[tuple[Callable[[Mapping[str, Any]], Any], bool]] = []
+        for key, value in template.items():
+            key_path = (*path, str(key))
+            keys.append(
+                _compile_string(key, dotted_path(key_path))
+                if isinstance(key, str)
+                else (_constant(key), True)
+            )
+            values.append(_compile_template(value, key_path))
+        if all(constant for _, constant in keys + values):
+            return _constant(_build_constant(template)), True
+        if all(constant for _, constant in keys):
+            items = [
+                (key_builder({}), value_builder)
+                for (key_builder, _), (value_builder, _) in zip(keys, values, strict=True)
+            ]
+
+            def build_dict(record: Mapping[str, Any]) -> Any:
+                return {key: value(record) for key, value in items}
+
+            return build_dict, False
+        pairs = [
+            (key_builder, value_builder)
+            for (key_builder, _), (value_builder, _) in zip(keys, values, strict=True)
+        ]
+
+        def build_keyed_dict(record: Mapping[str, Any]) -> Any:
+            return {key(record): value(record) for key, value in pairs}
+
+        return build_keyed_dict, False
+    if isinstance(template, list | tuple):
+        items_compiled = [
+            _compile_template(item, (*path, index)) for index, item in enumerate(template)
+        ]
+        if all(constant for _, constant in items_compiled):
+            return _constant(_build_constant(template)), True
+        builders = [builder for builder, _ in items_compiled]
+
+        def build_list(record: Mapping[str, Any]) -> Any:
+            return [builder(record) for builder in builders]
+
+        return build_list, False
+    return _constant(template), True
+
+
+def _build_constant(template: Any) -> Any:
+    """A constant template node with ``$$`` escapes resolved."""
+    if isinstance(template, str):
+        return "".join(str(part) for part in parse_placeholders(template))
+    if isinstance(template, dict):
+        return {_build_constant(key): _build_constant(value) for key, value in template.items()}
+    if isinstance(template, list | tuple):
+        return [_build_constant(item) for item in template]
+    return template
+
+
+def _has_non_str_keys(template: Any) -> bool:
+    """True when a template maps from anything but literal text, which JSON needs an option for."""
+    if isinstance(template, dict):
+        return any(
+            not isinstance(key, str) or "${" in key or _has_non_str_keys(value)
+            for key, value in template.items()
+        )
+    if isinstance(template, list | tuple):
+        return any(_has_non_str_keys(item) for item in template)
+    return False
+
+
+def _default_object(names: Sequence[str]) -> Callable[[Mapping[str, Any]], Any]:
+    """The builder of the default payload: a flat object of the names, in order."""
+    ordered = tuple(names)
+
+    def build(record: Mapping[str, Any]) -> Any:
+        try:
+            return {name: record[name] for name in ordered}
+        except KeyError as exc:
+            raise PayloadError(
+                f"the record has no value named {exc.args[0]!r} (a default name of the message)"
+            ) from None
+
+    return build
+
+
+class _TemplateEncoder:
+    """Shared by the JSON, CBOR and MsgPack encoders: build the object, serialise it."""
+
+    __slots__ = ("_build", "content_type", "names")
+
+    content_type: str
+
+    def __init__(
+        self,
+        spec: JSONPayloadSpec | CBORPayloadSpec | MsgPackPayloadSpec,
+        default_names: Sequence[str],
+    ) -> None:
+        if spec.template is None:
+            self._build = _default_object(default_names)
+            self.names = frozenset(default_names)
+        else:
+            self._build = _compile_template(spec.template, ("template",))[0]
+            self.names = spec.names()
+
+    def build(self, record: Mapping[str, Any]) -> Any:
+        """The object the payload serialises, before serialisation."""
+        return self._build(record)
+
+    def describe(self, data: bytes) -> list[DecodedField]:  # noqa: ARG002  # protocol
+        """Nothing: only binary payloads are described field by field."""
+        return []
+
+
+class JSONPayloadEncoder(_TemplateEncoder):
+    """Compact UTF-8 JSON through orjson."""
+
+    __slots__ = ("_option",)
+
+    def __init__(self, spec: JSONPayloadSpec, default_names: Sequence[str]) -> None:
+        super().__init__(spec, default_names)
+        self.content_type = "application/json"
+        # Non-text keys (numbers in YAML, or interpolated keys) need orjson's option.
+        self._option = orjson.OPT_NON_STR_KEYS if _has_non_str_keys(spec.template) else 0
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        """The JSON document of one record."""
+        try:
+            return orjson.dumps(self._build(record), option=self._option)
+        except orjson.JSONEncodeError as exc:
+            raise PayloadError(f"cannot encode as JSON: {exc}") from None
+
+    def decode(self, data: bytes) -> Any:
+        """The JSON document as Python data."""
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise PayloadError(f"not valid JSON: {exc}") from None
+
+
+class CBORPayloadEncoder(_TemplateEncoder):
+    """CBOR (RFC 8949) through cbor2."""
+
+    __slots__ = ()
+
+    def __init__(self, spec: CBORPayloadSpec, default_names: Sequence[str]) -> None:
+        super().__init__(spec, default_names)
+        self.content_type = "application/cbor"
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        """The CBOR item of one record."""
+        try:
+            encoded: bytes = cbor2.dumps(self._build(record))
+        except cbor2.CBOREncodeError as exc:
+            raise PayloadError(f"cannot encode as CBOR: {exc}") from None
+        return encoded
+
+    def decode(self, data: bytes) -> Any:
+        """The CBOR item as Python data."""
+        try:
+            return cbor2.loads(data)
+        except cbor2.CBORDecodeError as exc:
+            raise PayloadError(f"not valid CBOR: {exc}") from None
+
+
+class MsgPackPayloadEncoder(_TemplateEncoder):
+    """MessagePack through msgpack, with the bin type for bytes."""
+
+    __slots__ = ()
+
+    def __init__(self, spec: MsgPackPayloadSpec, default_names: Sequence[str]) -> None:
+        super().__init__(spec, default_names)
+        self.content_type = "application/msgpack"
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        """The MessagePack object of one record."""
+        try:
+            encoded: bytes = msgpack.packb(self._build(record), use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise PayloadError(f"cannot encode as MessagePack: {exc}") from None
+        return encoded
+
+    def decode(self, data: bytes) -> Any:
+        """The MessagePack object as Python data."""
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise PayloadError(f"not valid MessagePack: {exc}") from None
+
+
+# ------------------------------------------------------------------------- text, csv, raw
+
+
+class TextPayloadEncoder:
+    """UTF-8 text from a :meth:`str.format` template."""
+
+    __slots__ = ("_template", "content_type", "names")
+
+    def __init__(self, spec: TextPayloadSpec) -> None:
+        self.content_type = "text/plain"
+        self.names = spec.names()
+        self._template = spec.template
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        """The text of one record."""
+        try:
+            return self._template.format_map(record).encode()
+        except KeyError as exc:
+            raise _missing(str(exc.args[0]), "template") from None
+        except (TypeError, ValueError) as exc:
+            raise PayloadError(f"cannot format the record: {exc}", path="template") from None
+
+    def decode(self, data: bytes) -> Any:
+        """The text as a str."""
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"not valid UTF-8: {exc}") from None
+
+    def describe(self, data: bytes) -> list[DecodedField]:  # noqa: ARG002  # protocol
+        """Nothing: only binary payloads are described field by field."""
+        return []
+
+
+class CSVPayloadEncoder:
+    """One CSV line of the columns, quoted as RFC 4180 asks, without a line terminator."""
+
+    __slots__ = ("_columns", "_delimiter", "_needs_quotes", "content_type", "names")
+
+    def __init__(self, spec: CSVPayloadSpec, default_names: Sequence[str]) -> None:
+        self.content_type = "text/csv"
+        columns = spec.columns if spec.columns is not None else list(default_names)
+        self.names = frozenset(columns)
+        self._columns = tuple(
+            (name, f"columns[{index}]" if spec.columns is not None else "")
+            for index, name in enumerate(columns)
+        )
+        self._delimiter = spec.delimiter
+        self._needs_quotes = re.compile(f'[{re.escape(spec.delimiter)}"\r\n]').search
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        """The CSV line of one record."""
+        cells: list[str] = []
+        needs_quotes = self._needs_quotes
+        for name, path in self._columns:
+            try:
+                cell = render_value(record[name])
+            except KeyError:
+                raise _missing(name, path) from None
+            if needs_quotes(cell):
+                cell = '"' + cell.replace('"', '""') + '"'
+            cells.append(cell)
+        return self._delimiter.join(cells).encode()
+
+    def decode(self, data: bytes) -> Any:
+        """The line as a str."""
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"not valid UTF-8: {exc}") from None
+
+    def describe(self, data: bytes) -> list[DecodedField]:  # noqa: ARG002  # protocol
+        """Nothing: only binary payloads are described field by field."""
+        return []
+
+
+class RawPayloadEncoder:
+    """The same constant bytes for every message."""
+
+    __slots__ = ("_data", "content_type", "names")
+
+    def __init__(self, spec: RawPayloadSpec) -> None:
+        self.content_type = "application/octet-stream"
+        self.names: frozenset[str] = frozenset()
+        self._data = spec.data()
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:  # noqa: ARG002  # protocol
+        """The constant payload."""
+        return self._data
+
+    def decode(self, data: bytes) -> Any:
+        """The payload bytes."""
+        return bytes(data)
+
+    def describe(self, data: bytes) -> list[DecodedField]:  # noqa: ARG002  # protocol
+        """Nothing: only binary payloads are described field by field."""
+        return []
+
+
+def build_encoder(spec: PayloadSpec, *, default_names: Sequence[str]) -> Encoder:
+    """Compile a payload spec into the encoder of one message type.
+
+    ``default_names`` are the message's value names in order; they are the payload of a
+    json/cbor/msgpack spec without template and the columns of a csv spec without
+    ``columns``. Raises `PayloadError` when a binary layout cannot hold its constants.
+    """
+    if isinstance(spec, JSONPayloadSpec):
+        return JSONPayloadEncoder(spec, default_names)
+    if isinstance(spec, CBORPayloadSpec):
+        return CBORPayloadEncoder(spec, default_names)
+    if isinstance(spec, MsgPackPayloadSpec):
+        return MsgPackPayloadEncoder(spec, default_names)
+    if isinstance(spec, TextPayloadSpec):
+        return TextPayloadEncoder(spec)
+    if isinstance(spec, CSVPayloadSpec):
+        return CSVPayloadEncoder(spec, default_names)
+    if isinstance(spec, BinaryPayloadSpec):
+        return BinaryPayloadEncoder(spec)
+    return RawPayloadEncoder(spec)
