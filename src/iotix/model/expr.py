@@ -81,14 +81,17 @@ _MAX_NESTING_LEVELS: Final = 100
 _MAX_INT_EXPONENT: Final = 64
 _MAX_INT_POWER_BITS: Final = 4_096
 _MAX_SHIFT_BITS: Final = 64
+# Longer source fragments are shortened in error messages.
+_SNIPPET_CHARS: Final = 60
 # Floats at or beyond 2**63 in magnitude (and nan) have no int64 value.
 _INT64_BOUND: Final = 2.0**63
 # Operands that `*` would repeat and `%` would format: both can build huge values.
 _SEQUENCE_TYPES: Final = (str, bytes, list, tuple)
 # The results the division check inspects; Python numbers raise ZeroDivisionError.
 _NUMPY_TYPES: Final = (np.ndarray, np.generic)
-# What a failing evaluation may raise; all of it becomes an ExpressionError.
-_EVALUATION_ERRORS: Final = (ArithmeticError, TypeError, ValueError, LookupError)
+# What a failing evaluation may raise; all of it becomes an ExpressionError. numpy
+# reports some unsupported object operands as AttributeError (`np.sqrt({})`).
+_EVALUATION_ERRORS: Final = (ArithmeticError, AttributeError, LookupError, TypeError, ValueError)
 
 CONSTANTS: Final[Mapping[str, float]] = MappingProxyType(
     {"pi": math.pi, "e": math.e, "inf": math.inf}
@@ -434,23 +437,21 @@ class _Compiler:
             case ast.Attribute(value=base, attr=key):
                 if key.startswith("_"):
                     raise self.error(f"attribute access to {key!r} is not allowed")
-                return self.field(base, key, ast.unparse(node))
+                return self.field(base, key, _snippet(node))
             case ast.Subscript(value=base, slice=key_node):
-                return self.field(base, self.subscript_key(key_node), ast.unparse(node))
+                return self.field(base, self.subscript_key(key_node), _snippet(node))
             case ast.Tuple() | ast.List():
                 kind = "tuples" if isinstance(node, ast.Tuple) else "lists"
                 raise self.error(
                     f"{kind} are only allowed on the right of 'in' / 'not in', "
-                    f"not in {ast.unparse(node)!r}"
+                    f"not in {_snippet(node)!r}"
                 )
         raise self.error(f"{_describe(node)} not allowed")
 
     def literal(self, node: ast.AST, value: object) -> Any:
         if value is None or isinstance(value, bool | int | float | str):
             return value
-        raise self.error(
-            f"{type(value).__name__} literals like {ast.unparse(node)!r} are not allowed"
-        )
+        raise self.error(f"{type(value).__name__} literals like {_snippet(node)!r} are not allowed")
 
     def name(self, name: str) -> _Evaluator:
         if name in CONSTANTS:
@@ -522,9 +523,7 @@ class _Compiler:
     ) -> _Evaluator:
         if any(isinstance(op, ast.In | ast.NotIn) for op in ops):
             if len(ops) > 1:
-                raise self.error(
-                    f"'in' cannot be chained with other comparisons in {self.source!r}"
-                )
+                raise self.error("'in' and 'not in' cannot be chained with other comparisons")
             return self.membership(left, ops[0], comparators[0], depth=depth)
         operations: list[_BinaryOperation] = []
         for op in ops:
@@ -578,14 +577,14 @@ class _Compiler:
         if not isinstance(node, ast.Tuple | ast.List):
             raise self.error(
                 f"the right side of 'in' must be a tuple or list of literals, "
-                f"not {ast.unparse(node)!r}"
+                f"not {_snippet(node)!r}"
             )
         values = tuple(self.choice(element) for element in node.elts)
         # numpy would turn (1, "a") into ("1", "a") and match neither 1 nor "1" sensibly.
         strings = sum(isinstance(value, str) for value in values)
         if 0 < strings < len(values):
             raise self.error(
-                f"an 'in' list cannot mix strings and other values: {ast.unparse(node)!r}"
+                f"an 'in' list cannot mix strings and other values: {_snippet(node)!r}"
             )
         return values
 
@@ -596,7 +595,7 @@ class _Compiler:
             case ast.UnaryOp(op=ast.USub() | ast.UAdd() as sign, operand=ast.Constant(value=value)):
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     return -value if isinstance(sign, ast.USub) else value
-        raise self.error(f"only literals may appear in an 'in' list, not {ast.unparse(node)!r}")
+        raise self.error(f"only literals may appear in an 'in' list, not {_snippet(node)!r}")
 
     def conditional(
         self, test: ast.expr, body: ast.expr, orelse: ast.expr, *, depth: int
@@ -617,7 +616,7 @@ class _Compiler:
         allowed = ", ".join(sorted(FUNCTIONS))
         if not isinstance(node.func, ast.Name):
             raise self.error(
-                f"calling {ast.unparse(node.func)!r} is not allowed; allowed functions: {allowed}"
+                f"calling {_snippet(node.func)!r} is not allowed; allowed functions: {allowed}"
             )
         name = node.func.id
         entry = _FUNCTION_TABLE.get(name)
@@ -644,7 +643,8 @@ class _Compiler:
                 if most is None
                 else f"{fewest} to {most}"
             )
-            raise self.error(f"{name}() takes {expected} arguments ({count} given)")
+            noun = "argument" if expected == "1" else "arguments"
+            raise self.error(f"{name}() takes {expected} {noun} ({count} given)")
         arguments = [self.compile(argument, depth=depth) for argument in node.args]
         # The common arities get closures without an argument list to build.
         if count == 1:
@@ -669,9 +669,9 @@ class _Compiler:
 
     def subscript_key(self, node: ast.expr) -> str:
         if isinstance(node, ast.Slice):
-            raise self.error(f"slices are not allowed: {ast.unparse(node)!r}")
+            raise self.error(f"slices are not allowed: {_snippet(node)!r}")
         if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
-            raise self.error(f"a subscript must be a string literal, not {ast.unparse(node)!r}")
+            raise self.error(f"a subscript must be a string literal, not {_snippet(node)!r}")
         if node.value.startswith("_"):
             raise self.error(f"access to key {node.value!r} is not allowed (it starts with '_')")
         return node.value
@@ -715,3 +715,9 @@ def _describe(node: ast.AST) -> str:
         if isinstance(node, kind):
             return description
     return f"{type(node).__name__} expressions are"
+
+
+def _snippet(node: ast.AST) -> str:
+    """The source of ``node`` for an error message, shortened if long."""
+    text = ast.unparse(node)
+    return text if len(text) <= _SNIPPET_CHARS else text[: _SNIPPET_CHARS - 3] + "..."

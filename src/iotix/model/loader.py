@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +147,23 @@ def _issue_from_pydantic(error: Any, data: Any, lines: _LineMap, file: Path | No
 
 
 def _dedupe(issues: list[ModelIssue]) -> list[ModelIssue]:
-    """Unions report one error per alternative; keep the most specific per path."""
+    """Unions report one error per alternative: keep one per path and problem. An unknown
+    key beside a missing one is most likely its misspelling, so say so."""
     seen: dict[tuple[PathKey, str], ModelIssue] = {}
     for issue in issues:
         seen.setdefault((issue.path, issue.problem), issue)
-    return list(seen.values())
+    missing: dict[PathKey, list[str]] = {}
+    for issue in seen.values():
+        if issue.problem.startswith("missing required field") and issue.path:
+            missing.setdefault(issue.path[:-1], []).append(str(issue.path[-1]))
+    result = []
+    for issue in seen.values():
+        siblings = missing.get(issue.path[:-1], []) if issue.path else []
+        if issue.problem.startswith("unknown field") and siblings:
+            close = difflib.get_close_matches(str(issue.path[-1]), siblings, n=1, cutoff=0.0)
+            issue = replace(issue, hint=f"did you mean {close[0]!r}?")
+        result.append(issue)
+    return result
 
 
 def load_model_data(data: Any, *, file: Path | None = None, lines: Any = None) -> LoadedModel:

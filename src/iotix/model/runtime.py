@@ -548,8 +548,12 @@ class DeviceBatch:
         outlet.seq[rows] = seq + 1
         count = len(rows)
         columns: dict[str, list[Any]] = {}
-        constants = {"seq": None, "message": outlet.name, "event": outlet.name}
-        constants["severity"] = outlet.severity
+        constants: dict[str, Any] = {
+            "message": outlet.name,
+            "event": outlet.name,
+            "severity": outlet.severity,
+            "active": True,
+        }
         constants.update(extra or {})
         for name in outlet.encoder.names:
             if name == "seq":

@@ -108,7 +108,7 @@ class ConstantFieldSpec(FieldBase):
     """The same value on every sample; a distribution gives each device its own."""
 
     kind: Literal["constant"]
-    value: Any | Distribution
+    value: Annotated[Distribution | Any, Field(union_mode="left_to_right")]
 
 
 class CounterFieldSpec(NumericFieldBase):
