@@ -591,3 +591,15 @@ def test_vectorised_result_equals_elementwise_scalar_results(
         expression({"x": float(x), "y": float(y)}) for x, y in zip(env["x"], env["y"], strict=True)
     ]
     np.testing.assert_allclose(np.broadcast_to(vectorised, env["x"].shape), elementwise, rtol=1e-12)
+
+
+def test_conditional_evaluates_each_branch_only_on_its_own_rows() -> None:
+    x = np.array([0.0, 2.0, 0.0, 4.0])
+    result = compile_expression("1 / x if x != 0 else -1")({"x": x})
+    np.testing.assert_array_equal(result, [-1.0, 0.5, -1.0, 0.25])
+
+
+def test_conditional_mixing_strings_and_numbers_gives_objects() -> None:
+    x = np.array([1.0, -1.0])
+    result = compile_expression("'up' if x > 0 else x")({"x": x})
+    assert result.tolist() == ["up", -1.0]

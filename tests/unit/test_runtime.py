@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from typing import TYPE_CHECKING, Any
@@ -148,9 +149,7 @@ def test_weighted_choice_follows_its_weights() -> None:
 def test_boolean_is_true_with_its_probability() -> None:
     values = [
         p["x"]
-        for p in payloads(
-            run(batch(model({"x": {"kind": "boolean", "probability": 0.2}}), 100), 9)
-        )
+        for p in payloads(run(batch(model({"x": {"kind": "boolean", "probability": 0.2}}), 100), 9))
     ]
     assert 0.15 < sum(values) / len(values) < 0.25
 
@@ -261,7 +260,7 @@ def test_jittered_interval_does_not_drift() -> None:
     times = [m.due_s for m in run(batch(data), 1000)]
     assert len(times) == 100
     assert all(abs(t - 10 * n) <= 2 for n, t in enumerate(times))
-    assert all(b > a for a, b in zip(times, times[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(times))
 
 
 def test_spread_start_spreads_first_sends_over_one_interval() -> None:
@@ -329,7 +328,9 @@ def test_condition_event_rises_once_per_crossing_with_hysteresis() -> None:
     ]
     assert alarms[0]["event"] == "high"
     assert alarms[0]["severity"] == "warning"
-    assert next(m for m in sent if m.kind is MessageKind.EVENT).topic == "devices/probe-000000/events"
+    assert (
+        next(m for m in sent if m.kind is MessageKind.EVENT).topic == "devices/probe-000000/events"
+    )
 
 
 def test_rate_event_fires_at_its_rate() -> None:

@@ -63,11 +63,12 @@ import difflib
 import functools
 import math
 import operator
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Final, TypeAlias, final
 
 import numpy as np
+import numpy.typing as npt
 
 from iotix.errors import ExpressionError
 
@@ -606,6 +607,24 @@ class _Compiler:
 
         def evaluate(env: Mapping[str, Any]) -> Any:
             chosen = condition(env)
+            if isinstance(chosen, np.ndarray) and chosen.ndim == 1:
+                # Each branch sees only its own rows, so `1 / x if x != 0 else 0` is safe
+                # for a batch exactly as it is for one device.
+                mask = chosen.astype(bool)
+                count = len(mask)
+                if mask.all():
+                    return _spread(if_true(env), count)
+                if not mask.any():
+                    return _spread(if_false(env), count)
+                yes = np.asarray(if_true(_MaskedEnv(env, mask)))
+                no = np.asarray(if_false(_MaskedEnv(env, ~mask)))
+                if {yes.dtype.kind, no.dtype.kind} <= set("biuf") or yes.dtype == no.dtype:
+                    out = np.empty(count, dtype=np.result_type(yes, no))
+                else:
+                    out = np.empty(count, dtype=object)
+                out[mask] = yes
+                out[~mask] = no
+                return out
             if isinstance(chosen, np.ndarray):
                 return np.where(chosen, if_true(env), if_false(env))
             return if_true(env) if chosen else if_false(env)
@@ -721,3 +740,35 @@ def _snippet(node: ast.AST) -> str:
     """The source of ``node`` for an error message, shortened if long."""
     text = ast.unparse(node)
     return text if len(text) <= _SNIPPET_CHARS else text[: _SNIPPET_CHARS - 3] + "..."
+
+
+def _spread(value: Any, count: int) -> Any:
+    """A branch's value over all rows (a scalar branch becomes an array)."""
+    if isinstance(value, np.ndarray) and value.shape == (count,):
+        return value
+    return np.broadcast_to(np.asarray(value), (count,)).copy()
+
+
+class _MaskedEnv(Mapping[str, Any]):
+    """The rows of an environment selected by a mask, computed on access."""
+
+    def __init__(self, env: Mapping[str, Any], mask: npt.NDArray[np.bool_]) -> None:
+        self._env = env
+        self._mask = mask
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._env[name]
+        count = len(self._mask)
+        if isinstance(value, np.ndarray) and value.ndim == 1 and len(value) == count:
+            return value[self._mask]
+        if isinstance(value, Mapping) and all(
+            isinstance(v, np.ndarray) and v.shape == (count,) for v in value.values()
+        ):
+            return {key: part[self._mask] for key, part in value.items()}
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._env)
+
+    def __len__(self) -> int:
+        return len(self._env)

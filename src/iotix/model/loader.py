@@ -161,8 +161,9 @@ def _dedupe(issues: list[ModelIssue]) -> list[ModelIssue]:
         siblings = missing.get(issue.path[:-1], []) if issue.path else []
         if issue.problem.startswith("unknown field") and siblings:
             close = difflib.get_close_matches(str(issue.path[-1]), siblings, n=1, cutoff=0.0)
-            issue = replace(issue, hint=f"did you mean {close[0]!r}?")
-        result.append(issue)
+            result.append(replace(issue, hint=f"did you mean {close[0]!r}?"))
+        else:
+            result.append(issue)
     return result
 
 

@@ -368,6 +368,9 @@ class DeviceBatch:
             return np.round((self.start_epoch_s + env.t) * 1000.0).astype(np.int64)
         if name == "model":
             return self.spec.name
+        head, dot, part = name.partition(".")
+        if dot and head in self._generators:  # a part of a GPS position: `location.lat`
+            return env[head][part]
         raise KeyError(name)
 
     # --- time -------------------------------------------------------------------
