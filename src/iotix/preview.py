@@ -69,6 +69,7 @@ def preview_model(
     sent: dict[int, int] = dict.fromkeys(range(devices), 0)
     messages: list[Message] = []
     results: list[CommandResult] = []
+    window_s = 1.0
     while True:
         due = batch.next_due_s()
         if pending and pending[0].at_s <= due:
@@ -82,13 +83,16 @@ def preview_model(
             continue
         if due > horizon_s:
             return Preview(batch, messages, results, horizon_reached=True)
-        clock.advance_to(max(due, clock.now_s()))
-        for message in sorted(
-            batch.advance(clock.now_s()), key=lambda m: (m.due_s, m.device_index)
-        ):
+        # Advancing a window at once gives the same messages as stepping to each due
+        # time, in fewer rounds; the window grows while the model is quiet.
+        until = min(due + window_s, horizon_s, pending[0].at_s if pending else horizon_s)
+        clock.advance_to(max(until, clock.now_s()))
+        batch_messages = batch.advance(clock.now_s())
+        for message in sorted(batch_messages, key=lambda m: (m.due_s, m.device_index)):
             row = message.device_index - first_index
             if sent[row] < count:
                 sent[row] += 1
                 messages.append(message)
         if all(n >= count for n in sent.values()) and not pending:
             return Preview(batch, messages, results, horizon_reached=False)
+        window_s = window_s * 2 if len(batch_messages) < devices else window_s

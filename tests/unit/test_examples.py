@@ -21,7 +21,7 @@ def test_there_are_at_least_nine_examples() -> None:
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.name)
 def test_example_previews_and_every_payload_decodes(path: Path) -> None:
     loaded = load_model(path)
-    preview = preview_model(loaded, devices=3, count=30, seed=1, start_epoch_s=1.767e9)
+    preview = preview_model(loaded, devices=3, count=10, seed=1, start_epoch_s=1.767e9)
     assert not preview.horizon_reached
     sent = {m.name for m in preview.messages if m.kind is MessageKind.TELEMETRY}
     assert sent, "no telemetry in the preview"
