@@ -91,8 +91,8 @@ def validate(
 
     Each error names the file, the line, the field path, the problem and a hint.
     """
-    out = Console()
-    err = Console(stderr=True)
+    out = Console(soft_wrap=True, highlight=False)
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
     invalid = 0
     for file in _expand(files):
         try:
@@ -179,7 +179,11 @@ def _message_json(preview: Preview, message: Message) -> dict[str, Any]:
 
 
 def _show_preview(console: Console, preview: Preview, loaded: LoadedModel) -> None:
-    console.print(f"[bold]{escape(loaded.spec.name)}[/] — {escape(loaded.spec.description or '')}")
+    description = loaded.spec.description
+    console.print(
+        f"[bold]{escape(loaded.spec.name)}[/]"
+        + (f" — {escape(description)}" if description else "")
+    )
     for result in preview.commands:
         console.print(
             f"[magenta]command[/] {escape(result.command)} -> {escape(result.device_id)} "
@@ -233,7 +237,7 @@ def preview(
     command: Annotated[
         list[str] | None,
         typer.Option(
-            help="Send a command to every device: NAME[@SECONDS][=JSON], e.g. "
+            help="Send a command to every device: NAME\\[@SECONDS]\\[=JSON], e.g. "
             "'set_setpoint@30={\"value\": 23}'. Repeatable."
         ),
     ] = None,
@@ -247,7 +251,7 @@ def preview(
     """
     if output not in ("text", "json"):
         raise typer.BadParameter("use text or json", param_hint="--format")
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
     planned = [_parse_command(c) for c in command or []]
     try:
         loaded = load_model(model)

@@ -29,10 +29,7 @@ def _cli_environment() -> dict[str, str]:
     return env
 
 
-RunCLI = "Callable[..., subprocess.CompletedProcess[str]]"
-
-
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run ``python -m iotix ARGS`` in ``cwd`` (default: the repository root)."""
     env = _cli_environment()

@@ -15,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from iotix.errors import PayloadError
 from iotix.payload.binary import BinaryPayloadEncoder, DecodedField
 from iotix.payload.codec import build_encoder
+from iotix.payload.crc import crc16
 from iotix.payload.spec import (
     INTEGER_TYPES,
     BinaryNumberFieldSpec,
@@ -314,6 +315,18 @@ def test_a_crc_may_cover_an_earlier_crc() -> None:
     assert layout.decode(frame)["c2"] == int.from_bytes(frame[3:], "big")
 
 
+def test_a_crc_may_cover_a_length_field_placed_after_it() -> None:
+    layout = encoder(
+        [
+            {"name": "c", "type": "crc16", "algorithm": "kermit", "from": "n", "to": "s"},
+            {"name": "n", "type": "length"},
+            {"name": "s", "type": "string", "prefix": "u8"},
+        ]
+    )
+    frame = layout.encode({"s": "abc"})
+    assert int.from_bytes(frame[:2], "big") == crc16(b"\x04\x03abc", "kermit")
+
+
 # ------------------------------------------------------------------- physical ranges
 
 
@@ -359,6 +372,16 @@ def test_encode_negative_value_in_unsigned_field_names_the_field() -> None:
 def test_encode_float_overflow_names_the_field() -> None:
     with pytest.raises(PayloadError, match="'h': value 70000 is out of range"):
         encoder([{"name": "h", "type": "f16"}]).encode({"h": 70000})
+
+
+def test_encode_integer_beyond_any_float_in_a_float_field_names_the_field() -> None:
+    with pytest.raises(PayloadError, match=r"'h': value 1000000\d* is out of range"):
+        encoder([{"name": "h", "type": "f64"}]).encode({"h": 10**400})
+
+
+def test_encode_text_in_a_float_field_names_the_field() -> None:
+    with pytest.raises(PayloadError, match="'h' expects a number, got 'warm'"):
+        encoder([{"name": "h", "type": "f32"}]).encode({"h": "warm"})
 
 
 def test_encode_bit_overflow_names_the_bit_group() -> None:

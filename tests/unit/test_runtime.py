@@ -502,3 +502,22 @@ def test_topic_template_uses_attributes() -> None:
     )
     data["messages"]["telemetry"]["topic"] = "{site}/{device_id}/{message}"
     assert batch(data, indices=[4]).advance(0)[0].topic == "site-4/probe-000004/telemetry"
+
+
+def test_payloads_can_read_the_parts_of_a_gps_position() -> None:
+    area = {"kind": "gps_area", "center": {"lat": 48.85, "lon": 2.35}, "radius_m": 10}
+    data = model({"pos": area})
+    data["messages"]["telemetry"]["payload"] = {
+        "kind": "binary",
+        "fields": [{"name": "lat", "source": "pos.lat", "type": "i32", "scale": 1e-7}],
+    }
+    data["messages"]["text"] = {
+        "schedule": {"kind": "interval", "interval_s": 1, "start": "aligned"},
+        "payload": {"kind": "json", "template": {"at": "${pos.lat:.2f}/${pos.lon:.2f}"}},
+    }
+    device = batch(data)
+    sent = {m.name: m for m in device.advance(0)}
+    assert device.encoder_for(sent["telemetry"]).decode(sent["telemetry"].payload)["lat"] == (
+        pytest.approx(48.85, abs=1e-3)
+    )
+    assert json.loads(sent["text"].payload) == {"at": "48.85/2.35"}

@@ -108,9 +108,15 @@ def parse_document(text: str, file: Path | None) -> tuple[Any, _LineMap]:
 def _issue_from_pydantic(error: Any, data: Any, lines: _LineMap, file: Path | None) -> ModelIssue:
     path: list[str | int] = []
     current = data
+    tagged: Any = None  # the mapping whose union tag was skipped
     for part in error["loc"]:
         # Discriminated unions add the tag (`random_walk`) and validators add their own
-        # names to `loc`; keep only the parts that exist in the document.
+        # names to `loc`; keep only the parts that exist in the document. A tag comes
+        # right after the mapping whose `kind` it is, even if a (misspelt) key has the
+        # same name, as in `{kind: interval, interval: 10}`.
+        if isinstance(current, dict) and current.get("kind") == part and current is not tagged:
+            tagged = current
+            continue
         if (isinstance(current, dict) and part in current) or (
             isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)
         ):

@@ -190,11 +190,15 @@ def _float_value_converter(spec: BinaryNumberFieldSpec, path: str) -> Callable[[
     name = spec.name
 
     def convert(value: Any) -> Any:
-        if isinstance(value, str) or not isinstance(value, int | float):
+        if not isinstance(value, int | float):
             raise PayloadError(f"field {name!r} expects a number, got {value!r}", path=path)
-        raw = float(value) if identity else to_raw(value)
-        if -limit < raw < limit or not math.isfinite(raw):
-            return raw
+        try:
+            raw = float(value) if identity else to_raw(value)
+        except OverflowError:  # an int beyond any float
+            raw = math.nan
+        else:
+            if -limit < raw < limit or not math.isfinite(raw):
+                return raw
         raise PayloadError(
             f"field {name!r}: value {value!r} is out of range ({_range_text(spec)})", path=path
         )
@@ -521,7 +525,7 @@ class BinaryPayloadEncoder:
                 fixed_offsets.append(fixed_offsets[-1] + (size or 0))
         patches: list[_Patch] = []
         self._ranges = spec.field_ranges()
-        for index, (first, last) in sorted(self._ranges.items()):
+        for index, (first, last) in self._ranges.items():
             field = fields[index]
             field_spec = field.spec
             packer = struct.Struct((field.byte_order or ">") + field.code)
@@ -547,7 +551,11 @@ class BinaryPayloadEncoder:
             patches.append(_Patch(index, first, last, packer, checksum, maximum))
         self._fields = fields
         self._segments = _segments(fields)
-        self._patches = tuple(patches)
+        # Lengths first, as a CRC may cover a length field placed after it; then CRCs
+        # in layout order, as a CRC may cover an earlier CRC (never a later one).
+        self._patches = tuple(
+            sorted(patches, key=lambda patch: (patch.checksum is not None, patch.index))
+        )
         self._fixed_offsets = fixed_offsets
         #: The size of every frame, or None when the layout has length-prefixed strings.
         self.frame_size_bytes = fixed_offsets[-1] if fixed_offsets is not None else None

@@ -32,13 +32,12 @@ import math
 import re
 import string
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
 __all__ = [
     "FLOAT_TYPES",
@@ -107,6 +106,9 @@ _FLOAT_MAX: dict[str, float] = {
 
 _NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*"
 _NAME = re.compile(_NAME_PATTERN)
+# Placeholders may name a part of a structured value, such as `${location.lat}`.
+_PLACEHOLDER_NAME_PATTERN = rf"{_NAME_PATTERN}(?:\.{_NAME_PATTERN})?"
+_PLACEHOLDER_NAME = re.compile(_PLACEHOLDER_NAME_PATTERN)
 # `$$` escapes a dollar; `${body}` is a placeholder; a `${` that does not close before
 # another brace is malformed and is caught by the last alternative.
 _PLACEHOLDER_TOKEN = re.compile(r"\$\$|\$\{(?P<body>[^{}]*)\}|\$\{")
@@ -168,10 +170,10 @@ def parse_placeholders(text: str) -> tuple[str | Placeholder, ...]:
                 "(write '$${' for a literal '${')"
             )
         name, colon, format_spec = body.partition(":")
-        if not _NAME.fullmatch(name):
+        if not _PLACEHOLDER_NAME.fullmatch(name):
             raise ValueError(
                 f"malformed placeholder '${{{body}}}' in {text!r}: "
-                f"the name must match {_NAME_PATTERN}"
+                "the name must be a name such as `temperature` or `location.lat`"
             )
         if colon:
             _check_format_spec(format_spec)
@@ -416,45 +418,51 @@ def _decode_hex(text: str) -> bytes:
 # ----------------------------------------------------------------------------- binary
 
 
-@dataclass(frozen=True, slots=True)
 class LinearScale:
     """The LoRaWAN-decoder convention ``physical = raw * scale + offset``.
 
     When ``1 / scale`` is a whole number (scale 0.1, 0.01, 0.001, ...) the conversion
     divides and multiplies by that number instead, so that raw 234 with scale 0.1 gives
-    exactly 23.4 and not 23.400000000000002.
+    exactly 23.4 and not 23.400000000000002. ``to_raw`` and ``to_physical`` are plain
+    functions chosen once here, because encoders call them once per value per message.
     """
 
-    scale: float
-    offset: float
+    __slots__ = ("divisor", "is_identity", "offset", "scale", "to_physical", "to_raw")
 
-    @property
-    def is_identity(self) -> bool:
-        """True when raw and physical values are the same."""
-        return self.scale == 1 and self.offset == 0
-
-    @property
-    def divisor(self) -> float | None:
-        """``1 / scale`` when it is a whole number of magnitude at least 2, else None."""
-        inverse = 1 / self.scale
+    def __init__(self, scale: float, offset: float) -> None:
+        self.scale = scale
+        self.offset = offset
+        #: True when raw and physical values are the same.
+        self.is_identity = scale == 1 and offset == 0
+        inverse = 1 / scale
         whole = round(inverse)
-        if abs(whole) >= 2 and abs(inverse - whole) <= 1e-9 * abs(inverse):
-            return float(whole)
-        return None
-
-    def to_raw(self, physical: float) -> float:
-        """The unrounded raw value for a physical value."""
+        #: ``1 / scale`` when it is a whole number of magnitude at least 2, else None.
+        self.divisor = (
+            float(whole)
+            if abs(whole) >= 2 and abs(inverse - whole) <= 1e-9 * abs(inverse)
+            else None
+        )
         divisor = self.divisor
         if divisor is not None:
-            return (physical - self.offset) * divisor
-        return (physical - self.offset) / self.scale
 
-    def to_physical(self, raw: float) -> float:
-        """The physical value of a raw value."""
-        divisor = self.divisor
-        if divisor is not None:
-            return raw / divisor + self.offset
-        return raw * self.scale + self.offset
+            def to_raw(physical: float) -> float:
+                return (physical - offset) * divisor
+
+            def to_physical(raw: float) -> float:
+                return raw / divisor + offset
+
+        else:
+
+            def to_raw(physical: float) -> float:
+                return (physical - offset) / scale
+
+            def to_physical(raw: float) -> float:
+                return raw * scale + offset
+
+        #: The unrounded raw value of a physical value.
+        self.to_raw: Callable[[float], float] = to_raw
+        #: The physical value of a raw value.
+        self.to_physical: Callable[[float], float] = to_physical
 
 
 class _BinaryFieldBase(_PayloadModel):
