@@ -26,6 +26,15 @@ from iotix.preview import PlannedCommand, Preview, preview_model
 from iotix.schema import model_schema
 
 EXIT_INVALID = 2
+JSON_OPTIONS = orjson.OPT_NON_STR_KEYS  # CBOR and MessagePack maps may have integer keys
+
+
+def _jsonable(value: Any) -> Any:
+    """How preview JSON shows what JSON has no type for (bytes as hex)."""
+    if isinstance(value, bytes | bytearray):
+        return value.hex()
+    return str(value)
+
 
 app = typer.Typer(
     name="iotix",
@@ -218,7 +227,9 @@ def _show_preview(console: Console, preview: Preview, loaded: LoadedModel) -> No
             except IotixError as exc:
                 console.print(f"    [red]cannot decode: {escape(str(exc))}[/]")
             else:
-                console.print("    " + escape(orjson.dumps(decoded, default=str).decode()))
+                if not isinstance(decoded, bytes):  # raw payloads: the hex says it all
+                    text = orjson.dumps(decoded, default=_jsonable, option=JSON_OPTIONS)
+                    console.print("    " + escape(text.decode()))
     if preview.horizon_reached:
         console.print("[yellow]stopped at the preview horizon (7 days of virtual time)[/]")
 
@@ -272,7 +283,8 @@ def preview(
         raise typer.Exit(EXIT_INVALID) from None
     if output == "json":
         for message in result.messages:
-            sys.stdout.write(orjson.dumps(_message_json(result, message), default=str).decode())
+            record = _message_json(result, message)
+            sys.stdout.write(orjson.dumps(record, default=_jsonable, option=JSON_OPTIONS).decode())
             sys.stdout.write("\n")
         return
     _show_preview(Console(highlight=False, soft_wrap=True), result, loaded)

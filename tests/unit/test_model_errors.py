@@ -325,3 +325,22 @@ def test_issue_text_shows_file_line_path_problem_and_hint(tmp_path: Path) -> Non
     text = str(issue)
     assert text.startswith(f"{tmp_path / 'model.yaml'}:3: fields.temperature: ")
     assert "(hint: did you mean 'random_walk'?" in text
+
+
+def test_seq_is_a_message_name_not_a_field_input(tmp_path: Path) -> None:
+    text = VALID.replace(
+        "  setpoint: {kind: constant, value: 21}\n",
+        "  f: {kind: expression, expr: 'seq * 2'}\n",
+    )
+    issue = only_issue(tmp_path, text)
+    assert issue.dotted_path == "fields.f.expr"
+    assert "seq" in issue.problem
+
+
+def test_gaussian_field_with_min_above_max_is_reported(tmp_path: Path) -> None:
+    text = VALID.replace(
+        "{kind: constant, value: 21}", "{kind: gaussian, mean: 21, stddev: 1, min: 30, max: 10}"
+    )
+    issue = only_issue(tmp_path, text)
+    assert issue.dotted_path == "fields.setpoint"
+    assert "must not be below" in issue.problem

@@ -48,12 +48,25 @@ def run(device_batch: DeviceBatch, until_s: float) -> list[Message]:
 
 
 def test_one_advance_equals_stepping_to_every_due_time() -> None:
-    fields = {"x": WALK, "e": {"kind": "expression", "expr": "x * 2"}}
+    fields = {
+        "x": WALK,
+        "e": {"kind": "expression", "expr": "x * 2"},
+        "at": {"kind": "timestamp"},
+    }
+    data = model(fields)
+    data["messages"]["fast"] = {
+        "schedule": {"kind": "interval", "interval_s": 0.7, "jitter_s": 0.2},
+        "fields": ["at", "x"],
+    }
+    data["messages"]["rare"] = {"schedule": {"kind": "poisson", "rate_hz": 0.2}}
     stepped: list[Message] = []
-    device = batch(model(fields), 4)
+    device = batch(data, 4)
     while (due := device.next_due_s()) <= 30:
         stepped.extend(device.advance(due))
-    assert [m.payload for m in run(batch(model(fields), 4), 30)] == [m.payload for m in stepped]
+    at_once = run(batch(data, 4), 30)
+    key = lambda m: (m.due_s, m.device_index, m.name)  # noqa: E731
+    assert sorted(at_once, key=key) == sorted(stepped, key=key)
+    assert all(json.loads(m.payload)["at"] == round(m.due_s * 1000) for m in at_once)
 
 
 def payloads(messages: list[Message], name: str = "telemetry") -> list[dict[str, Any]]:
@@ -521,3 +534,128 @@ def test_payloads_can_read_the_parts_of_a_gps_position() -> None:
         pytest.approx(48.85, abs=1e-3)
     )
     assert json.loads(sent["text"].payload) == {"at": "48.85/2.35"}
+
+
+def test_round_zero_gives_integers() -> None:
+    fields = {
+        "a": {"kind": "uniform", "low": 0, "high": 100, "round": 0},
+        "b": {"kind": "counter", "start": {"kind": "uniform", "low": 5, "high": 9}, "round": 0},
+    }
+    sent = payloads(run(batch(model(fields), 5), 2))
+    assert all(isinstance(p["a"], int) and isinstance(p["b"], int) for p in sent)
+
+
+def test_wave_on_the_wall_clock_keeps_its_time_of_day() -> None:
+    wave = {"kind": "wave", "period_s": 86400, "amplitude": 1, "time_base": "wall", "round": 6}
+    midnight = batch(model({"x": wave}), start_epoch_s=1_767_225_600.0)  # 00:00 UTC
+    six_am = batch(model({"x": wave}), start_epoch_s=1_767_225_600.0 + 6 * 3600)
+    assert payloads(midnight.advance(0))[0]["x"] == pytest.approx(0.0, abs=1e-6)
+    assert payloads(six_am.advance(0))[0]["x"] == pytest.approx(1.0)
+
+
+def test_rate_given_as_a_distribution_is_drawn_per_hour() -> None:
+    rate = {"kind": "uniform", "low": 1000, "high": 3000, "round": 0}
+    events = {"knock": {"rate_per_hour": rate}}
+    sent = run(batch(model({"x": {"kind": "constant", "value": 1}}, events=events), 20), 360)
+    count = sum(1 for m in sent if m.name == "knock")
+    assert 2 * 20 * 0.8 / 10 * 1000 < count < 2 * 20 * 1.2 / 10 * 1000
+
+
+def test_on_change_watches_positions_and_skips_timestamps() -> None:
+    route = {
+        "kind": "gps_route",
+        "routes": [[{"lat": 0, "lon": 0}, {"lat": 0, "lon": 0.01}]],
+        "speed_mps": 0,
+    }
+    data = model({"pos": route, "at": {"kind": "timestamp"}})
+    data["messages"]["telemetry"]["schedule"] = {"kind": "on_change", "sample_interval_s": 1}
+    assert len(run(batch(data), 20)) == 1  # parked: only the first sample is news
+
+
+def test_state_at_sample_time_is_what_the_message_reports() -> None:
+    data = charger()
+    data["fields"]["where"] = {"kind": "expression", "expr": "state"}
+    data["messages"]["telemetry"]["payload"] = {
+        "kind": "json",
+        "template": {"state": "${state}", "where": "${where}", "power": "${power}"},
+    }
+    for sent in payloads(run(batch(data), 12)):
+        assert sent["state"] == sent["where"]
+        assert (sent["power"] == 11) == (sent["state"] == "charging")
+
+
+def test_state_s_is_the_time_in_the_current_state() -> None:
+    data = charger()
+    data["fields"]["in_state"] = {"kind": "expression", "expr": "state_s"}
+    assert [p["in_state"] for p in payloads(run(batch(data), 7))] == [0, 1, 2, 3, 4, 5, 1, 2]
+
+
+def test_any_state_transition_does_not_re_enter_its_target() -> None:
+    states = {
+        "initial": "ok",
+        "states": {"ok": {}, "alarm": {}},
+        "transitions": [
+            {"from": "*", "to": "alarm", "when": "x >= 2"},
+            {"from": "alarm", "to": "ok", "after_s": 3},
+        ],
+    }
+    events = {"raised": {"on_enter": "alarm"}}
+    sent = run(batch(model({"x": {"kind": "counter"}}, states=states, events=events)), 10)
+    # Enters alarm at x=2, leaves after 3 s, enters again at once: not at every sample.
+    assert [m.due_s for m in sent if m.name == "raised"] == [2.0, 6.0, 10.0]
+
+
+def test_entering_a_state_by_command_raises_its_on_enter_event() -> None:
+    events = {"stopped": {"on_enter": "idle", "fields": ["energy"]}}
+    fields = {**charger()["fields"], "level": {"kind": "constant", "value": 1}}
+    device = batch(model(fields, states=CHARGER, commands=COMMANDS, events=events))
+    run(device, 6)
+    device.handle_command(0, "stop", {}, 6.5)
+    sent = device.advance(6.5)
+    stopped = next(m for m in sent if m.name == "stopped")
+    assert json.loads(stopped.payload)["state"] == "idle"
+    assert json.loads(stopped.payload)["energy"] == 6
+
+
+def test_replies_read_fields_as_last_sampled_in_the_current_state() -> None:
+    commands = {
+        "handlers": {
+            "stop": {
+                "reply": {
+                    "values": {"power_was": "power"},
+                    "payload": {
+                        "kind": "json",
+                        "template": {"p": "${power_was}", "e": "${energy}", "m": "${model}"},
+                    },
+                }
+            }
+        }
+    }
+    device = batch(model(charger()["fields"], states=CHARGER, commands=commands))
+    run(device, 7)
+    device.handle_command(0, "stop", {}, 7.5)
+    assert json.loads(device.advance(7.5)[0].payload) == {"p": 11, "e": 7, "m": "probe"}
+
+
+def test_a_command_before_the_first_sample_reads_fresh_values() -> None:
+    device = commanded()
+    device.handle_command(0, "set_level", {"value": 5}, 0.0)
+    assert json.loads(device.advance(0.0)[0].payload)["level"] == 5
+
+
+def test_replayed_columns_of_one_file_stay_on_the_same_row(tmp_path: Path) -> None:
+    rows = "\n".join(f"{i},{i * 10}" for i in range(50))
+    (tmp_path / "data.csv").write_text(f"a,b\n{rows}\n", encoding="utf-8")
+    fields = {
+        "a": {"kind": "replay", "file": "data.csv", "column": "a"},
+        "b": {"kind": "replay", "file": "data.csv", "column": "b"},
+    }
+    sent = payloads(run(batch(model(fields), 10, file=tmp_path / "m.yaml"), 3))
+    assert len({p["a"] for p in sent}) > 5
+    assert all(p["b"] == p["a"] * 10 for p in sent)
+
+
+def test_message_fields_may_list_attributes() -> None:
+    data = model({"x": {"kind": "constant", "value": 1}}, attributes={"site": "lyon"})
+    data["messages"]["telemetry"]["fields"] = ["x", "site"]
+    assert payloads(batch(data).advance(0))[0]["site"] == "lyon"

@@ -15,7 +15,8 @@ from iotix.errors import ExpressionError, ReplayError
 from iotix.model.expr import compile_expression
 from iotix.model.generators import ReplayTable, template_names, value_bounds
 from iotix.model.spec import (
-    BUILTIN_NAMES,
+    DEVICE_NAMES,
+    MESSAGE_NAMES,
     SETTABLE_KINDS,
     ExpressionAttributeSpec,
     ExpressionFieldSpec,
@@ -59,7 +60,7 @@ class _Checker:
             n for n, f in spec.fields.items() if isinstance(f, GPSAreaFieldSpec | GPSRouteFieldSpec)
         ]
         self.flat_names = {f"{n}.{part}" for n in gps for part in GPS_PARTS}
-        self.device_names = BUILTIN_NAMES | self.fields | self.attributes
+        self.device_names = DEVICE_NAMES | self.fields | self.attributes
 
     def add(self, path: tuple[str | int, ...], problem: str, hint: str | None = None) -> None:
         self.issues.append((path, problem, hint))
@@ -91,10 +92,18 @@ class _Checker:
                     _suggest(name, known) or "available: " + ", ".join(sorted(known)),
                 )
 
-    def field_list(self, names: list[str] | None, path: tuple[str | int, ...]) -> None:
+    def field_list(
+        self,
+        names: list[str] | None,
+        path: tuple[str | int, ...],
+        *,
+        also: Collection[str] = (),
+    ) -> None:
+        known = self.fields | set(also)
+        what = "field or attribute" if self.attributes & set(also) else "field"
         for i, name in enumerate(names or ()):
-            if name not in self.fields:
-                self.add((*path, i), f"no field named {name!r}", _suggest(name, self.fields))
+            if name not in known:
+                self.add((*path, i), f"no {what} named {name!r}", _suggest(name, known))
 
     def state(self, name: str | None, path: tuple[str | int, ...]) -> None:
         if name is not None and name not in self.states:
@@ -111,7 +120,7 @@ class _Checker:
     ) -> None:
         if payload is None:
             return
-        known = self.device_names | self.flat_names | {"seq", "message"} | set(extra)
+        known = self.device_names | self.flat_names | MESSAGE_NAMES | set(extra)
         for reference in payload.references():
             if reference.name not in known:
                 self.add(
@@ -153,16 +162,16 @@ class _Checker:
         for name, message in spec.messages.items():
             path: tuple[str | int, ...] = ("messages", name)
             self.template(message.topic or "", (*path, "topic"), topic_names | {"message"}, "topic")
-            self.field_list(message.fields, (*path, "fields"))
+            self.field_list(message.fields, (*path, "fields"), also=self.attributes)
             self.payload(message.payload, (*path, "payload"), ())
             for i, state in enumerate(message.states or ()):
                 self.state(state, (*path, "states", i))
             schedule = message.schedule
             if isinstance(schedule, OnChangeScheduleSpec):
-                self.field_list(schedule.watch, (*path, "schedule", "watch"))
+                self.field_list(schedule.watch, (*path, "schedule", "watch"), also=self.flat_names)
                 if isinstance(schedule.deadband, dict):
                     for field_name in schedule.deadband:
-                        if field_name not in self.fields:
+                        if field_name not in self.fields | self.flat_names:
                             self.add(
                                 (*path, "schedule", "deadband", field_name),
                                 f"no field named {field_name!r}",
@@ -179,7 +188,7 @@ class _Checker:
             self.state(event.on_enter, (*path, "on_enter"))
             if event.topic is not None:
                 self.template(event.topic, (*path, "topic"), topic_names | {"event"}, "topic")
-            self.field_list(event.fields, (*path, "fields"))
+            self.field_list(event.fields, (*path, "fields"), also=self.attributes)
             self.payload(event.payload, (*path, "payload"), EVENT_NAMES)
         self.check_states()
         self.check_commands()
@@ -298,7 +307,8 @@ class _Checker:
         static = {"device_id", "index", "model", "command"} | self.attributes
         self.template(commands.topic, ("commands", "topic"), static, "topic")
         self.template(commands.reply_topic, ("commands", "reply_topic"), static, "topic")
-        known = (self.device_names - self.fields) | settable | {"payload"}
+        # A command reads each field's last sampled value.
+        known = self.device_names | self.flat_names | {"payload"}
         for name, handler in commands.handlers.items():
             path: tuple[str | int, ...] = ("commands", "handlers", name)
             if handler.accept_when is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,6 @@ from iotix.model.spec import (
 from iotix.model.streams import F64, Stream, cumulative_weights
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
     from pathlib import Path
 
 Rows = npt.NDArray[np.intp]
@@ -79,12 +79,12 @@ class BuildContext:
             drawn: F64 = value.low + (value.high - value.low) * self.stream(name).uniform(
                 all_rows, 0
             )
-            return drawn if value.round is None else np.round(drawn, value.round)
+            return _rounded(drawn, value.round)
         if isinstance(value, GaussianSpec):
             drawn = value.mean + value.stddev * self.stream(name).normal(all_rows, 0)
             if value.min is not None or value.max is not None:
                 drawn = np.clip(drawn, value.min, value.max)
-            return drawn if value.round is None else np.round(drawn, value.round)
+            return _rounded(drawn, value.round)
         if isinstance(value, ChoiceSpec):
             table = np.asarray(value.values)
             cumulative = cumulative_weights(value.weights, len(value.values))
@@ -141,8 +141,13 @@ class _Drawing(FieldGenerator):
         return draws
 
 
-def _rounded(values: F64, decimals: int | None) -> F64:
-    return values if decimals is None else np.round(values, decimals)
+def _rounded(values: F64, decimals: int | None) -> Any:
+    """Values rounded to ``decimals``; ``round: 0`` gives integers."""
+    if decimals is None:
+        return values
+    if decimals == 0:
+        return np.round(values).astype(np.int64)
+    return np.round(values, decimals)
 
 
 class ConstantGenerator(FieldGenerator):
@@ -203,7 +208,7 @@ class CounterGenerator(FieldGenerator):
         if self._wrap_at is not None:
             following = np.where(following >= self._wrap_at, at(self._start, rows), following)
         self._values[rows] = following
-        if self._integral:
+        if self._integral and self._round is None:
             return values.astype(np.int64)
         return _rounded(values, self._round)
 
@@ -290,10 +295,13 @@ class WaveGenerator(_Drawing):
         self._phase = ctx.param(spec.phase_s, f"{name}.phase_s")
         self._noise = ctx.param(spec.noise, f"{name}.noise")
         self._round = spec.round
+        # On the wall clock, a daily wave peaks at the same time of day whenever it starts.
+        self._epoch_s = ctx.start_epoch_s if spec.time_base == "wall" else 0.0
 
     @override
     def sample(self, rows: Rows, t: F64, env: Mapping[str, Any]) -> Any:
-        cycle = (t + at(self._phase, rows)) / at(self._period, rows)
+        clock = t + self._epoch_s
+        cycle = (clock + at(self._phase, rows)) / at(self._period, rows)
         frac = cycle - np.floor(cycle)
         if self._shape == "sine":
             unit = np.sin(2.0 * np.pi * frac)
@@ -396,6 +404,9 @@ def _as_list(value: Any, count: int) -> list[Any]:
     if isinstance(value, np.ndarray):
         listed: list[Any] = value.tolist()
         return listed
+    if isinstance(value, Mapping):  # a GPS position: one dict per row
+        parts = {key: np.asarray(part).tolist() for key, part in value.items()}
+        return [{key: part[i] for key, part in parts.items()} for i in range(count)]
     return [value] * count
 
 
@@ -579,12 +590,14 @@ class ReplayTable:
 
 
 class ReplayGenerator(FieldGenerator):
-    def __init__(self, spec: ReplayFieldSpec, ctx: BuildContext, name: str) -> None:
+    def __init__(self, spec: ReplayFieldSpec, ctx: BuildContext) -> None:
         table = ctx.replay_table(spec.file)
         self._values = table.column(spec.column)
         self._rows = table.rows
         self._loop = spec.loop
-        stagger = ctx.stream(f"{name}.stagger").uniform(slice(None), 0) if spec.stagger else None
+        # Keyed by the file, not the field: all columns of one file stay on the same row.
+        stagger_stream = ctx.stream(f"replay:{spec.file.as_posix()}")
+        stagger = stagger_stream.uniform(slice(None), 0) if spec.stagger else None
         self._times: F64 | None = None
         if spec.time_column is None:
             self._next = (
@@ -652,7 +665,7 @@ def build_generator(spec: FieldSpec, ctx: BuildContext, name: str) -> FieldGener
         case GPSRouteFieldSpec():
             return GPSRouteGenerator(spec, ctx, name)
         case ReplayFieldSpec():
-            return ReplayGenerator(spec, ctx, name)
+            return ReplayGenerator(spec, ctx)
         case ExpressionFieldSpec():
             return ExpressionGenerator(spec)
     raise TypeError(f"no generator for {type(spec).__name__}")  # pragma: no cover

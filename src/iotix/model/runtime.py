@@ -35,7 +35,6 @@ from iotix.model.spec import (
     EventSpec,
     ExpressionAttributeSpec,
     FieldSpec,
-    PoissonScheduleSpec,
     TemplateAttributeSpec,
 )
 from iotix.payload.codec import Encoder, build_encoder
@@ -125,6 +124,9 @@ class _Env(Mapping[str, Any]):
         self._batch = batch
         self.rows = rows
         self.t = t
+        # The state the fields were sampled in: messages of this round report it even if
+        # a transition moves the device on.
+        self.codes = batch.state[rows]
         self.cache: dict[str, Any] = {"t": t}
 
     def __getitem__(self, name: str) -> Any:
@@ -177,6 +179,8 @@ class DeviceBatch:
             self.state = np.full(self.size, self._state_code[machine.initial], dtype=np.int16)
         self.entered_s = np.zeros(self.size)
         self.offline_until_s = np.full(self.size, -np.inf)
+        self._last: dict[str, npt.NDArray[Any]] = {}
+        self._sampled = np.zeros(self.size, dtype=bool)
 
         self._field_order = _field_order(spec)
         self._generators: dict[str, FieldGenerator] = {
@@ -202,7 +206,7 @@ class DeviceBatch:
         self._reply_count = 0
         self._reply_seq = np.zeros(self.size, dtype=np.int64)
         self.names = frozenset(
-            {"device_id", "index", "model", "t", "ts", "ts_ms", "state"}
+            {"device_id", "index", "model", "t", "ts", "ts_ms", "state", "state_s"}
             | set(self._attributes)
             | set(spec.fields)
         )
@@ -286,21 +290,10 @@ class DeviceBatch:
         for name, event in self.spec.events.items():
             if event.rate_per_hour is None:
                 continue
-            rate = event.rate_per_hour
-            rate_hz: Any = (
-                rate / 3600.0
-                if isinstance(rate, float | int)
-                else rate.model_copy(
-                    update={
-                        k: getattr(rate, k) / 3600.0
-                        for k in ("low", "high", "mean", "stddev")
-                        if hasattr(rate, k)
-                    }
-                )
-            )
-            schedule = PoissonSchedule(
-                PoissonScheduleSpec(kind="poisson", rate_hz=rate_hz), self._ctx, f"events.{name}"
-            )
+            # Drawn per device in the unit the user wrote (per hour), then converted, so
+            # a distribution's min, max and rounding keep their meaning.
+            per_hour = self._ctx.param(event.rate_per_hour, f"events.{name}.rate_per_hour")
+            schedule = PoissonSchedule(per_hour / 3600.0, self._ctx, f"events.{name}")
             fields = tuple(event.fields or ())
             outlets.append(
                 _Outlet(
@@ -364,7 +357,9 @@ class DeviceBatch:
             ids = self.device_ids
             return np.array([ids[r] for r in rows.tolist()], dtype=object)
         if name == "state":
-            return self._state_table[self.state[rows]]
+            return self._state_table[env.codes]
+        if name == "state_s":
+            return env.t - self.entered_s[rows]
         if name == "ts":
             return self.start_epoch_s + env.t
         if name == "ts_ms":
@@ -372,8 +367,17 @@ class DeviceBatch:
         if name == "model":
             return self.spec.name
         head, dot, part = name.partition(".")
-        if dot and head in self._generators:  # a part of a GPS position: `location.lat`
+        if dot and head in self._generators and head in env.cache:  # `location.lat`
             return env[head][part]
+        # Outside a round (a command, its reply): the last sampled values.
+        if name in self._last:
+            return self._last[name][rows]
+        prefix = f"{name}."
+        parts = {
+            k.removeprefix(prefix): v[rows] for k, v in self._last.items() if k.startswith(prefix)
+        }
+        if parts:
+            return parts
         raise KeyError(name)
 
     # --- time -------------------------------------------------------------------
@@ -399,37 +403,37 @@ class DeviceBatch:
             self._round(due_rows, out)
 
     def _round(self, due_rows: list[npt.NDArray[np.intp]], out: list[Message]) -> None:
+        """One sample per due device, at its earliest due time; only the outlets due at
+        that very time fire in this round, the others wait for a later round."""
         all_rows = np.concatenate(due_rows)
         all_due = np.concatenate(
             [o.schedule.due[r] for o, r in zip(self._outlets, due_rows, strict=True)]
         )
         order = np.lexsort((all_due, all_rows))
-        sorted_rows = all_rows[order]
-        rows, first = np.unique(sorted_rows, return_index=True)
-        t = all_due[order][first]
-        online = self.offline_until_s[rows] <= t
-        if not online.all():
-            rows, t = rows[online], t[online]
+        due_devices, first = np.unique(all_rows[order], return_index=True)
+        sample_t = all_due[order][first]
+        online = self.offline_until_s[due_devices] <= sample_t
+        rows, t = due_devices[online], sample_t[online]
         env = _Env(self, rows, t)
-        self._sample_fields(env)
-        state_before = self.state[rows]
-        entered = self._apply_transitions(env)
-        self._raise_condition_events(env, entered, out)
-        for outlet, fired in zip(self._outlets, due_rows, strict=True):
+        if len(rows):
+            self._sample_fields(env)
+            entered = self._apply_transitions(env)
+            self._raise_condition_events(env, entered, out)
+        for outlet, candidates in zip(self._outlets, due_rows, strict=True):
+            if len(candidates) == 0:
+                continue
+            due = outlet.schedule.due[candidates]
+            now = due <= sample_t[np.searchsorted(due_devices, candidates)]
+            fired, due = candidates[now], due[now]
             if len(fired) == 0:
                 continue
-            due = outlet.schedule.due[fired]
-            positions = np.searchsorted(rows, fired)
-            positions = np.minimum(positions, max(len(rows) - 1, 0))
+            positions = np.minimum(np.searchsorted(rows, fired), max(len(rows) - 1, 0))
             live = (rows[positions] == fired) if len(rows) else np.zeros(len(fired), bool)
             if outlet.states is not None and live.any():
-                live &= np.isin(state_before[positions], list(outlet.states))
+                live &= np.isin(env.codes[positions], list(outlet.states))
             if isinstance(outlet.schedule, OnChangeSchedule) and live.any():
-                watched = {
-                    name: np.asarray(env[name], dtype=np.float64)[positions[live]]
-                    for name in self._watched(outlet)
-                }
-                sending = outlet.schedule.changed(fired[live], watched, due[live])
+                watched = {name: env[name] for name in self._watched(outlet)}
+                sending = outlet.schedule.changed(positions[live], fired[live], watched, due[live])
                 live[np.flatnonzero(live)[~sending]] = False
             if live.any():
                 self._emit(outlet, env, positions[live], due[live], out)
@@ -438,14 +442,24 @@ class DeviceBatch:
     def _watched(self, outlet: _Outlet) -> list[str]:
         spec = self.spec.messages[outlet.name].schedule
         watch = getattr(spec, "watch", None)
-        return list(watch) if watch else [f for f in outlet.fields if f in self.spec.fields]
+        if watch:
+            return list(watch)
+        # Timestamps and per-sample uuids change every sample: watching them would send
+        # every sample, which is not what "on change" means.
+        fields = self.spec.fields
+        return [
+            f for f in outlet.fields if f in fields and fields[f].kind not in ("timestamp", "uuid")
+        ]
 
     def _sample_fields(self, env: _Env) -> None:
         rows, t = env.rows, env.t
+        self._sampled[rows] = True
         for name in self._field_order:
             overrides = self._overrides.get(name)
             if not overrides:
-                env.cache[name] = self._generators[name].sample(rows, t, env)
+                values = self._generators[name].sample(rows, t, env)
+                env.cache[name] = values
+                self._remember(name, rows, values)
                 continue
             codes = self.state[rows]
             parts, where = [], []
@@ -462,6 +476,26 @@ class DeviceBatch:
             values = np.empty(len(rows), dtype=merged.dtype)
             values[np.concatenate(where) if where else np.empty(0, np.intp)] = merged
             env.cache[name] = values
+            self._remember(name, rows, values)
+
+    def _remember(self, name: str, rows: Rows, values: Any) -> None:
+        """Keep each device's last sampled value, for commands and their replies."""
+        if isinstance(values, Mapping):  # a GPS position: remember its parts
+            for part, column in values.items():
+                self._remember(f"{name}.{part}", rows, column)
+            return
+        values = np.asarray(values)
+        last = self._last.get(name)
+        if last is None or np.result_type(last, values) != last.dtype:
+            kind = values.dtype.kind
+            dtype = values.dtype if kind in "biuf" else object
+            if last is not None:
+                dtype = np.result_type(last, values) if kind in "biuf" else object
+            grown = np.zeros(self.size, dtype=dtype)
+            if last is not None:
+                grown[:] = last
+            self._last[name] = last = grown
+        last[rows] = values
 
     def _apply_transitions(self, env: _Env) -> npt.NDArray[np.bool_]:
         """Move rows whose transition fired; returns which rows entered a new state."""
@@ -473,7 +507,9 @@ class DeviceBatch:
         for source, target, after, when, command in self._transitions:
             if command is not None:
                 continue
-            candidates = ~entered if source is None else (~entered & (codes == source))
+            # "*" means any *other* state: a device already in the target stays, so its
+            # on_enter events and after_s timers do not restart at every sample.
+            candidates = ~entered & ((codes != target) if source is None else (codes == source))
             if not candidates.any():
                 continue
             if after is not None:
@@ -486,7 +522,7 @@ class DeviceBatch:
                 self.state[moved] = target
                 self.entered_s[moved] = env.t[fire]
                 entered |= fire
-        env.cache.pop("state", None)
+                codes = np.where(fire, target, codes)
         return entered
 
     def _raise_condition_events(
@@ -497,7 +533,14 @@ class DeviceBatch:
             if event.on_enter is not None:
                 fire = entered & (self.state[rows] == event.on_enter)
                 if fire.any():
-                    self._emit_event(event, env, np.flatnonzero(fire), out, active=True)
+                    self._emit_event(
+                        event,
+                        env,
+                        np.flatnonzero(fire),
+                        out,
+                        active=True,
+                        state=self.state_names[event.on_enter],
+                    )
                 continue
             assert event.when is not None  # noqa: S101 - the spec guarantees one trigger
             condition = np.asarray(_evaluate(event.when, env), dtype=bool)
@@ -522,6 +565,7 @@ class DeviceBatch:
         out: list[Message],
         *,
         active: bool,
+        state: str | None = None,
     ) -> None:
         outlet = _Outlet(
             name=event.name,
@@ -537,7 +581,10 @@ class DeviceBatch:
             fields=tuple(event.spec.fields or ()),
             severity=event.spec.severity,
         )
-        self._emit(outlet, env, positions, env.t[positions], out, extra={"active": active})
+        extra: dict[str, Any] = {"active": active}
+        if state is not None:  # an on_enter event reports the state it entered
+            extra["state"] = state
+        self._emit(outlet, env, positions, env.t[positions], out, extra=extra)
 
     def _emit(
         self,
@@ -671,13 +718,13 @@ class DeviceBatch:
         return compiled
 
     def handle_command(self, row: int, command: str, payload: Any, now_s: float) -> CommandStatus:
-        """Apply a command to the device at position ``row``; its reply is queued and
-        comes out of ``advance`` once the handler's delay has passed."""
+        """Apply a command to the device at position ``row``. Its reply, and any event of
+        a state it enters, are queued and come out of ``advance`` when due."""
         handler = self._commands.get(command)
         if handler is None:
             template = self.spec.commands.reply_topic if self.spec.commands else DEFAULT_REPLY_TOPIC
             self._queue_reply(
-                row,
+                _CommandEnv(self, row, now_s, payload),
                 command=command,
                 status=CommandStatus.UNKNOWN,
                 values={},
@@ -688,47 +735,70 @@ class DeviceBatch:
             return CommandStatus.UNKNOWN
         if self.offline_until_s[row] > now_s:
             return CommandStatus.OFFLINE
-        rows = np.array([row], dtype=np.intp)
-        env = _CommandEnv(self, rows, np.array([now_s]), payload)
+        env = _CommandEnv(self, row, now_s, payload)
         status = CommandStatus.OK
         if handler.accept is not None and not bool(_scalar(_evaluate(handler.accept, env))):
             status = CommandStatus.REJECTED
         else:
-            for name, source in handler.sets.items():
-                value = _scalar(_evaluate(source, env))
-                for generator in self._settable(name):
-                    generator.set(rows, value)
-            code = int(self.state[row])
-            target = handler.on_command.get(code, handler.on_command.get(None, handler.state))
-            if target is not None and target != code:
-                self.state[row] = target
-                self.entered_s[row] = now_s
-            if handler.offline_s is not None:
-                self.offline_until_s[row] = now_s + _for_row(handler.offline_s, row)
+            self._apply_command(handler, env)
         if handler.reply_encoder is None:
             return status
         # Replies see the device as the command left it (a new setpoint, a new state).
-        after = _CommandEnv(self, rows, np.array([now_s]), payload)
+        after = _CommandEnv(self, row, now_s, payload)
         values = {name: _scalar(_evaluate(e, after)) for name, e in handler.reply_values.items()}
-        due_s = now_s + _for_row(handler.reply_delay_s, row)
         self._queue_reply(
-            row,
+            after,
             command=command,
             status=status,
             values=values,
-            due_s=due_s,
+            due_s=now_s + _for_row(handler.reply_delay_s, row),
             encoder=handler.reply_encoder,
             template=handler.reply_topic,
         )
         return status
 
+    def _apply_command(self, handler: _Command, env: _CommandEnv) -> None:
+        rows = env.rows
+        row = int(rows[0])
+        now_s = float(env.t[0])
+        for name, source in handler.sets.items():
+            value = _scalar(_evaluate(source, env))
+            for generator in self._settable(name):
+                generator.set(rows, value)
+            self._remember(name, rows, np.asarray([value]))
+        code = int(self.state[row])
+        target = handler.on_command.get(code, handler.on_command.get(None, handler.state))
+        if target is not None and target != code:
+            self.state[row] = target
+            self.entered_s[row] = now_s
+            entered_env = _CommandEnv(self, row, now_s, env["payload"])
+            events: list[Message] = []
+            for event in self._events:
+                if event.on_enter == target:
+                    self._emit_event(
+                        event,
+                        entered_env,
+                        np.zeros(1, dtype=np.intp),
+                        events,
+                        active=True,
+                        state=self.state_names[target],
+                    )
+            for message in events:
+                self._push(message)
+        if handler.offline_s is not None:
+            self.offline_until_s[row] = now_s + _for_row(handler.offline_s, row)
+
     def _settable(self, name: str) -> list[FieldGenerator]:
         found = [self._generators[name], *self._overrides.get(name, {}).values()]
         return [g for g in found if g.settable]
 
+    def _push(self, message: Message) -> None:
+        self._reply_count += 1
+        heapq.heappush(self._replies, (message.due_s, self._reply_count, message))
+
     def _queue_reply(
         self,
-        row: int,
+        env: _CommandEnv,
         *,
         command: str,
         status: CommandStatus,
@@ -737,35 +807,36 @@ class DeviceBatch:
         encoder: Encoder,
         template: str,
     ) -> None:
-        record: dict[str, Any] = {
-            "device_id": self.device_ids[row],
-            "index": int(self.indices[row]),
-            "model": self.spec.name,
+        row = int(env.rows[0])
+        seq = int(self._reply_seq[row])
+        self._reply_seq[row] = seq + 1
+        constants: dict[str, Any] = {
             "command": command,
             "status": status.value,
+            "seq": seq,
             "ts_ms": round((self.start_epoch_s + due_s) * 1000),
             "ts": self.start_epoch_s + due_s,
             "t": due_s,
-            "state": self.state_names[int(self.state[row])],
             **values,
         }
-        seq = int(self._reply_seq[row])
-        self._reply_seq[row] = seq + 1
-        record["seq"] = seq
-        name = command if command in self._commands else "*"
-        message = Message(
-            device_index=int(self.indices[row]),
-            device_id=self.device_ids[row],
-            name=name,
-            kind=MessageKind.REPLY,
-            topic=self.render(template, row, command=command),
-            payload=encoder.encode({n: record.get(n) for n in encoder.names}),
-            due_s=due_s,
-            seq=seq,
-            qos=1,
+        only = np.zeros(1, dtype=np.intp)
+        record = {
+            name: constants[name] if name in constants else _column(env[name], only, 1)[0]
+            for name in encoder.names
+        }
+        self._push(
+            Message(
+                device_index=int(self.indices[row]),
+                device_id=self.device_ids[row],
+                name=command if command in self._commands else "*",
+                kind=MessageKind.REPLY,
+                topic=self.render(template, row, command=command),
+                payload=encoder.encode(record),
+                due_s=due_s,
+                seq=seq,
+                qos=1,
+            )
         )
-        self._reply_count += 1
-        heapq.heappush(self._replies, (due_s, self._reply_count, message))
 
 
 @dataclass(frozen=True)
@@ -807,15 +878,17 @@ class _SubEnv(Mapping[str, Any]):
 
 
 class _CommandEnv(_Env):
-    """A single device's names while it handles a command: settable fields hold their
-    current values and ``payload`` is the command's decoded payload."""
+    """One device's names while it handles a command: fields hold their last sampled
+    values and ``payload`` is the command's decoded payload. A device that has not
+    sampled yet reads its sensors first."""
 
-    def __init__(self, batch: DeviceBatch, rows: Rows, t: F64, payload: Any) -> None:
+    def __init__(self, batch: DeviceBatch, row: int, now_s: float, payload: Any) -> None:
+        rows = np.array([row], dtype=np.intp)
+        t = np.array([now_s])
+        if not batch._sampled[row]:  # noqa: SLF001 - a friend class
+            batch._sample_fields(_Env(batch, rows, t))  # noqa: SLF001
         super().__init__(batch, rows, t)
         self.cache["payload"] = payload
-        for name, generator in batch._generators.items():  # noqa: SLF001 - a friend class
-            if generator.settable:
-                self.cache[name] = generator.current(rows)
 
 
 def _evaluate(expression: Expression, env: Mapping[str, Any]) -> Any:

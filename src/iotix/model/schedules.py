@@ -7,7 +7,8 @@ schedule keeps its un-jittered base times and jitters each send around them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -66,8 +67,8 @@ class IntervalSchedule(Schedule):
 
 
 class PoissonSchedule(Schedule):
-    def __init__(self, spec: PoissonScheduleSpec, ctx: BuildContext, name: str) -> None:
-        self._rate: Param = ctx.param(spec.rate_hz, f"{name}.rate_hz")
+    def __init__(self, rate_hz: Param, ctx: BuildContext, name: str) -> None:
+        self._rate = rate_hz
         self._stream = ctx.stream(name)
         self._count = np.ones(ctx.size, dtype=np.uint64)
         everyone = np.arange(ctx.size, dtype=np.intp)
@@ -109,35 +110,60 @@ class OnChangeSchedule(Schedule):
         self.due = first * self._interval
         self.max_interval_s = spec.max_interval_s
         self.last_sent_s: F64 = np.full(ctx.size, -np.inf)
-        self.last_values: dict[str, npt.NDArray[np.float64]] = {}
+        self.last_values: dict[str, npt.NDArray[Any]] = {}
         self.deadband = spec.deadband
 
     def fire(self, rows: Rows) -> None:
         self.due[rows] += self._interval
 
     def changed(
-        self, rows: Rows, values: dict[str, npt.NDArray[np.float64]], t: F64
+        self,
+        positions: Rows,
+        rows: Rows,
+        values: Mapping[str, Any],
+        t: F64,
     ) -> npt.NDArray[np.bool_]:
-        """Which rows must send now, updating the last-sent values of those that do."""
+        """Which rows must send now, updating the last-sent values of those that do.
+
+        ``values`` maps each watched name to its column over the round's sampled rows
+        (``positions`` select this message's rows in it). Numbers send when they moved
+        past the deadband; anything else sends when it differs at all.
+        """
         send = np.zeros(len(rows), dtype=bool)
-        for name, current in values.items():
+        columns: list[tuple[str, npt.NDArray[Any]]] = []
+        for name, column in values.items():
+            if isinstance(column, Mapping):  # a GPS position: watch its parts
+                columns += [(f"{name}.{k}", np.asarray(v)[positions]) for k, v in column.items()]
+            else:
+                columns.append((name, np.asarray(column)[positions]))
+        for name, current in columns:
+            numeric = current.dtype.kind in "biuf"
             previous = self.last_values.get(name)
             if previous is None:
-                previous = np.full(len(self.due), np.nan)
+                previous = (
+                    np.full(len(self.due), np.nan) if numeric else np.full(len(self.due), None)
+                )
                 self.last_values[name] = previous
-            band = (
-                self.deadband if isinstance(self.deadband, float) else self.deadband.get(name, 0.0)
-            )
             before = previous[rows]
-            # A first sample (NaN) always sends; `>` makes a zero deadband mean "any change".
-            send |= np.isnan(before) | (np.abs(current - before) > band)
+            if numeric and previous.dtype.kind == "f":
+                band = self._band(name)
+                # A first sample (NaN) always sends; `>` makes a zero deadband "any change".
+                send |= np.isnan(before) | (np.abs(current - before) > band)
+            else:
+                send |= np.asarray(current != before, dtype=bool)
         if self.max_interval_s is not None:
             send |= t - self.last_sent_s[rows] >= self.max_interval_s
         sending = rows[send]
-        for name, current in values.items():
+        for name, current in columns:
             self.last_values[name][sending] = current[send]
         self.last_sent_s[sending] = t[send]
         return send
+
+    def _band(self, name: str) -> float:
+        if isinstance(self.deadband, float | int):
+            return float(self.deadband)
+        head = name.partition(".")[0]
+        return self.deadband.get(name, self.deadband.get(head, 0.0))
 
 
 def build_schedule(spec: ScheduleSpec, ctx: BuildContext, name: str) -> Schedule:
@@ -145,7 +171,7 @@ def build_schedule(spec: ScheduleSpec, ctx: BuildContext, name: str) -> Schedule
         case IntervalScheduleSpec():
             return IntervalSchedule(spec, ctx, name)
         case PoissonScheduleSpec():
-            return PoissonSchedule(spec, ctx, name)
+            return PoissonSchedule(ctx.param(spec.rate_hz, f"{name}.rate_hz"), ctx, name)
         case BurstScheduleSpec():
             return BurstSchedule(spec, ctx, name)
         case OnChangeScheduleSpec():

@@ -133,6 +133,12 @@ class GaussianFieldSpec(NumericFieldBase):
     min: float | None = None
     max: float | None = None
 
+    @model_validator(mode="after")
+    def _ordered(self) -> GaussianFieldSpec:
+        if self.min is not None and self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) must not be below min ({self.min})")
+        return self
+
 
 class RandomWalkFieldSpec(NumericFieldBase):
     """A bounded random walk: each sample adds a gaussian step of ``step`` stddev.
@@ -168,6 +174,11 @@ class WaveFieldSpec(NumericFieldBase):
     offset: Number = 0.0
     phase_s: Number = 0.0
     noise: Number = Field(default=0.0, description="Stddev of gaussian noise per sample.")
+    time_base: Literal["run", "wall"] = Field(
+        default="run",
+        description="run: t=0 at the run start; wall: t=0 at the Unix epoch (UTC), so a "
+        "daily wave peaks at the same time of day whatever the start.",
+    )
 
 
 class WeightedChoiceFieldSpec(FieldBase):
@@ -531,7 +542,10 @@ class DeviceModelSpec(Spec):
     commands: CommandsSpec | None = None
 
 
-BUILTIN_NAMES = frozenset(
-    {"device_id", "index", "model", "t", "ts", "ts_ms", "seq", "state", "message"}
-)
-"""Names every expression, template and payload may read besides fields and attributes."""
+DEVICE_NAMES = frozenset({"device_id", "index", "model", "t", "ts", "ts_ms", "state", "state_s"})
+"""Built-in names of a device at a sample, for expressions, templates and payloads."""
+
+MESSAGE_NAMES = frozenset({"seq", "message"})
+"""Built-in names of one message, for payloads only."""
+
+BUILTIN_NAMES = DEVICE_NAMES | MESSAGE_NAMES
