@@ -163,14 +163,17 @@ def _dedupe(issues: list[ModelIssue]) -> list[ModelIssue]:
         if issue.problem.startswith("missing required field") and issue.path:
             missing.setdefault(issue.path[:-1], []).append(str(issue.path[-1]))
     result = []
+    explained: set[PathKey] = set()
     for issue in seen.values():
         siblings = missing.get(issue.path[:-1], []) if issue.path else []
         if issue.problem.startswith("unknown field") and siblings:
             close = difflib.get_close_matches(str(issue.path[-1]), siblings, n=1, cutoff=0.0)
             result.append(replace(issue, hint=f"did you mean {close[0]!r}?"))
+            siblings.remove(close[0])  # one mistake, one error: the missing key is explained
+            explained.add((*issue.path[:-1], close[0]))
         else:
             result.append(issue)
-    return result
+    return [i for i in result if not (i.path in explained and i.problem.startswith("missing"))]
 
 
 def load_model_data(data: Any, *, file: Path | None = None, lines: Any = None) -> LoadedModel:
