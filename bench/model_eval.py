@@ -525,6 +525,35 @@ def naive_advancer(devices: list[NaiveThermostat], spec: DeviceModelSpec, step_s
 # --- one model ------------------------------------------------------------------------
 
 
+def new_batch(model: LoadedModel, indices: Sequence[int]) -> DeviceBatch:
+    return DeviceBatch(
+        model.spec,
+        indices=np.asarray(indices, dtype=np.int64),
+        seed=SEED,
+        start_epoch_s=START_EPOCH_S,
+        base_dir=model.base_dir,
+    )
+
+
+def contenders_for(
+    model: LoadedModel, path: str, sizes: dict[str, int], params: ThermostatParams | None
+) -> dict[str, Round]:
+    """Fresh devices for each path, so that one path's rounds do not age the other's."""
+    spec, step_s, sample = model.spec, round_step_s(model.spec), path == "sample"
+    batch = new_batch(model, range(sizes[BATCH]))
+    found = {BATCH: batch_sampler(batch, step_s) if sample else batch_advancer(batch, step_s)}
+    if params is not None:
+        naive = [NaiveThermostat(spec, params, i) for i in range(sizes[NAIVE])]
+        found[NAIVE] = (
+            naive_sampler(naive, step_s) if sample else naive_advancer(naive, spec, step_s)
+        )
+    singles = [new_batch(model, [i]) for i in range(sizes[SINGLES])]
+    found[SINGLES] = (
+        singles_sampler(singles, step_s) if sample else singles_advancer(singles, step_s)
+    )
+    return found
+
+
 def benchmark_model(
     model: LoadedModel,
     *,
@@ -535,59 +564,21 @@ def benchmark_model(
     budget_s: float,
 ) -> list[Measurement]:
     """Both paths of one model, each raced against its baselines."""
-    spec = model.spec
-    step_s = round_step_s(spec)
     try:
-        params: ThermostatParams | None = ThermostatParams.from_spec(spec)
+        params: ThermostatParams | None = ThermostatParams.from_spec(model.spec)
     except BaselineMismatchError:
-        if spec.name == "thermostat":
+        if model.spec.name == "thermostat":
             raise  # the thermostat's naive baseline must not disappear silently
         params = None
     sizes = {BATCH: devices, NAIVE: devices, SINGLES: min(baseline_devices, devices)}
-
-    def build(kind: str) -> Any:
-        """Fresh devices for each path, so that one path's rounds do not age the other's."""
-        if kind == BATCH:
-            return DeviceBatch(
-                spec,
-                indices=np.arange(devices),
-                seed=SEED,
-                start_epoch_s=START_EPOCH_S,
-                base_dir=model.base_dir,
-            )
-        if kind == NAIVE:
-            assert params is not None  # noqa: S101 - only asked for with params
-            return [NaiveThermostat(spec, params, i) for i in range(devices)]
-        return [
-            DeviceBatch(
-                spec, indices=[i], seed=SEED, start_epoch_s=START_EPOCH_S, base_dir=model.base_dir
-            )
-            for i in range(sizes[SINGLES])
-        ]
-
-    kinds = [BATCH, NAIVE, SINGLES] if params is not None else [BATCH, SINGLES]
     results = []
     for path in ("sample", "advance"):
-        contenders: dict[str, Round] = {}
-        for kind in kinds:
-            built = build(kind)
-            if kind == BATCH:
-                made = batch_sampler if path == "sample" else batch_advancer
-                contenders[kind] = made(built, step_s)
-            elif kind == NAIVE:
-                contenders[kind] = (
-                    naive_sampler(built, step_s)
-                    if path == "sample"
-                    else naive_advancer(built, spec, step_s)
-                )
-            else:
-                made = singles_sampler if path == "sample" else singles_advancer
-                contenders[kind] = made(built, step_s)
+        contenders = contenders_for(model, path, sizes, params)
         best = race(contenders, rounds=rounds, repeats=repeats, budget_s=budget_s)
         batch_rate = best[BATCH][0]
         results += [
             Measurement(
-                model=spec.name,
+                model=model.spec.name,
                 path=path,
                 implementation=kind,
                 devices=sizes[kind],
@@ -638,12 +629,18 @@ def print_table(results: list[Measurement]) -> None:
 
 
 def print_verdict(results: list[Measurement]) -> None:
+    """The target is set on sampling; the full path is held against the same figure."""
     for r in results:
         if r.model == "thermostat" and r.implementation == BATCH:
-            met = "met" if r.values_per_s >= TARGET_VALUES_PER_S else "MISSED"
+            reached = r.values_per_s >= TARGET_VALUES_PER_S
+            if r.path == "sample":
+                verdict = "target met" if reached else "target MISSED"
+            else:
+                verdict = "above" if reached else "below"
+                verdict += " the target's figure (the target is set on sampling)"
             print(
                 f"thermostat {r.path}: {r.values_per_s:,.0f} field values/s per core "
-                f"(target {TARGET_VALUES_PER_S:,}): {met}"
+                f"(target {TARGET_VALUES_PER_S:,}): {verdict}"
             )
 
 
@@ -681,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     facts = machine()
     print(
         f"# model_eval: {facts['cpu']}, nproc {facts['nproc']}, "
-        f"pinned to core {core if core is not None else '(not pinned)'}, "
+        f"{'not pinned' if core is None else f'pinned to core {core}'}, "
         f"Python {facts['python']}, numpy {facts['numpy']}"
     )
     print(

@@ -442,3 +442,32 @@ def test_csv_line_parses_with_the_csv_module_to_the_rendered_values(
     line = build({"kind": "csv", "columns": NAMES, "delimiter": delimiter}).encode(record).decode()
     parsed = next(csv.reader(io.StringIO(line, newline=""), delimiter=delimiter))
     assert parsed == [render_value(record[name]) for name in NAMES]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"kind": "json"},
+        {"kind": "json", "template": {"t": "${temperature}", "id": "dev-${device_id}"}},
+        {"kind": "cbor"},
+        {"kind": "msgpack"},
+        {"kind": "text", "template": "{device_id} {temperature:.1f}"},
+        {"kind": "csv"},
+        {"kind": "raw", "hex": "cafe"},
+        {
+            "kind": "binary",
+            "fields": [
+                {"name": "temperature", "type": "i16", "scale": 0.1},
+                {"name": "crc", "type": "crc16", "algorithm": "modbus"},
+            ],
+        },
+    ],
+    ids=lambda spec: spec.get("template") and f"{spec['kind']}-template" or spec["kind"],
+)
+def test_encode_many_equals_encoding_each_record(spec: dict[str, Any]) -> None:
+    encoder = build_encoder(
+        TypeAdapter(PayloadSpec).validate_python(spec), default_names=("device_id", "temperature")
+    )
+    columns = {"device_id": ["a", "b", "c"], "temperature": [20.5, -3.0, 11.2]}
+    records = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+    assert encoder.encode_many(columns, 3) == [encoder.encode(r) for r in records]

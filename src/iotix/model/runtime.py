@@ -355,7 +355,9 @@ class DeviceBatch:
             return self.indices[rows]
         if name == "device_id":
             ids = self.device_ids
-            return np.array([ids[r] for r in rows.tolist()], dtype=object)
+            column = np.empty(len(rows), dtype=object)
+            column[:] = [ids[r] for r in rows.tolist()]
+            return column
         if name == "state":
             return self._state_table[env.codes]
         if name == "state_s":
@@ -615,28 +617,23 @@ class DeviceBatch:
                 columns[name] = [constants[name]] * count
             else:
                 columns[name] = _column(env[name], positions, count)
-        names = list(columns)
-        encode = outlet.encoder.encode
+        payloads = outlet.encoder.encode_many(columns, count)
         ids = self.device_ids
-        indices = self.indices
-        for i, (row, t_due, number) in enumerate(
-            zip(rows.tolist(), due.tolist(), seq.tolist(), strict=True)
-        ):
-            record = {name: columns[name][i] for name in names}
-            out.append(
-                Message(
-                    device_index=int(indices[row]),
-                    device_id=ids[row],
-                    name=outlet.name,
-                    kind=outlet.kind,
-                    topic=self._topic(outlet, row),
-                    payload=encode(record),
-                    due_s=t_due,
-                    seq=number,
-                    qos=outlet.qos,
-                    retain=outlet.retain,
-                )
+        topic = self._topic
+        name, kind, qos, retain = outlet.name, outlet.kind, outlet.qos, outlet.retain
+        out.extend(
+            Message(
+                index, ids[row], name, kind, topic(outlet, row), payload, t_due, number, qos, retain
             )
+            for row, index, payload, t_due, number in zip(
+                rows.tolist(),
+                self.indices[rows].tolist(),
+                payloads,
+                due.tolist(),
+                seq.tolist(),
+                strict=True,
+            )
+        )
 
     def _topic(self, outlet: _Outlet, row: int) -> str:
         topic = outlet.topics[row]

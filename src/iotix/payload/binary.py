@@ -39,7 +39,7 @@ from iotix.payload.spec import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
     from iotix.payload.spec import BinaryFieldSpec, BinaryPayloadSpec, Endian
 
@@ -675,6 +675,14 @@ class BinaryPayloadEncoder:
                     f"bytes give 0x{expected:X}",
                     path=field.path,
                 )
+
+    def encode_many(self, columns: Mapping[str, Sequence[Any]], count: int) -> list[bytes]:
+        """The frames of ``count`` records given as columns."""
+        names = tuple(self.names)
+        if not names:
+            return [self.encode({}) for _ in range(count)]
+        rows = zip(*(columns[name] for name in names), strict=True)
+        return [self.encode(dict(zip(names, row, strict=True))) for row in rows]
 
     def decode(self, data: bytes) -> dict[str, Any]:
         """The physical value of every field of a frame, by field name."""
