@@ -462,7 +462,7 @@ def test_csv_line_parses_with_the_csv_module_to_the_rendered_values(
             ],
         },
     ],
-    ids=lambda spec: spec.get("template") and f"{spec['kind']}-template" or spec["kind"],
+    ids=lambda spec: f"{spec['kind']}-template" if spec.get("template") else spec["kind"],
 )
 def test_encode_many_equals_encoding_each_record(spec: dict[str, Any]) -> None:
     encoder = build_encoder(
