@@ -659,3 +659,39 @@ def test_message_fields_may_list_attributes() -> None:
     data = model({"x": {"kind": "constant", "value": 1}}, attributes={"site": "lyon"})
     data["messages"]["telemetry"]["fields"] = ["x", "site"]
     assert payloads(batch(data).advance(0))[0]["site"] == "lyon"
+
+
+def test_state_s_in_a_payload_is_from_before_the_transition() -> None:
+    data = charger()
+    data["messages"]["telemetry"]["payload"] = {
+        "kind": "json",
+        "template": {"state": "${state}", "state_s": "${state_s}"},
+    }
+    sent = payloads(run(batch(data), 6))
+    assert sent[5] == {"state": "idle", "state_s": 5.0}  # the sample that moves it on
+    assert sent[6] == {"state": "charging", "state_s": 1.0}
+
+
+def test_template_field_reads_the_parts_of_a_position() -> None:
+    area = {"kind": "gps_area", "center": {"lat": 10, "lon": 20}, "radius_m": 1}
+    fields = {"pos": area, "where": {"kind": "template", "template": "{pos.lat:.2f};{pos.lon:.2f}"}}
+    assert payloads(batch(model(fields)).advance(0))[0]["where"] == "10.00;20.00"
+
+
+def test_expression_rounded_to_zero_decimals_is_an_integer() -> None:
+    fields = {
+        "x": {"kind": "constant", "value": 92.4},
+        "y": {"kind": "expression", "expr": "x", "round": 0},
+    }
+    assert payloads(batch(model(fields)).advance(0))[0]["y"] == 92
+
+
+def test_reply_payload_may_read_the_message_name() -> None:
+    commands = {
+        "handlers": {
+            "go": {"reply": {"payload": {"kind": "json", "template": {"m": "${message}"}}}}
+        }
+    }
+    device = batch(model({"x": {"kind": "constant", "value": 1}}, commands=commands))
+    device.handle_command(0, "go", {}, 1.0)
+    assert json.loads(device.advance(1.0)[0].payload) == {"m": "go"}

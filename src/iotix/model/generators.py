@@ -11,10 +11,12 @@ the field and the device index, never on the batch.
 from __future__ import annotations
 
 import csv
+import os
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -44,9 +46,6 @@ from iotix.model.spec import (
     WeightedChoiceFieldSpec,
 )
 from iotix.model.streams import F64, Stream, cumulative_weights
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 Rows = npt.NDArray[np.intp]
 Param = float | F64
@@ -404,10 +403,20 @@ def _as_list(value: Any, count: int) -> list[Any]:
     if isinstance(value, np.ndarray):
         listed: list[Any] = value.tolist()
         return listed
-    if isinstance(value, Mapping):  # a GPS position: one dict per row
+    if isinstance(value, Mapping):  # a GPS position: one per row, `{pos.lat}` works
         parts = {key: np.asarray(part).tolist() for key, part in value.items()}
-        return [{key: part[i] for key, part in parts.items()} for i in range(count)]
+        return [_Parts({key: part[i] for key, part in parts.items()}) for i in range(count)]
     return [value] * count
+
+
+class _Parts(dict[str, Any]):
+    """A structured value whose parts a format string reads as attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class ExpressionGenerator(FieldGenerator):
@@ -421,7 +430,7 @@ class ExpressionGenerator(FieldGenerator):
         if not isinstance(values, np.ndarray) or values.shape != (len(rows),):
             values = np.broadcast_to(np.asarray(values), (len(rows),)).copy()
         if self._round is not None and values.dtype.kind == "f":
-            values = np.round(values, self._round)
+            return _rounded(values, self._round)
         return values
 
 
@@ -596,7 +605,7 @@ class ReplayGenerator(FieldGenerator):
         self._rows = table.rows
         self._loop = spec.loop
         # Keyed by the file, not the field: all columns of one file stay on the same row.
-        stagger_stream = ctx.stream(f"replay:{spec.file.as_posix()}")
+        stagger_stream = ctx.stream(f"replay:{Path(os.path.normpath(spec.file)).as_posix()}")
         stagger = stagger_stream.uniform(slice(None), 0) if spec.stagger else None
         self._times: F64 | None = None
         if spec.time_column is None:

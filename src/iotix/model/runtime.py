@@ -127,6 +127,7 @@ class _Env(Mapping[str, Any]):
         # The state the fields were sampled in: messages of this round report it even if
         # a transition moves the device on.
         self.codes = batch.state[rows]
+        self.entered_s = batch.entered_s[rows]
         self.cache: dict[str, Any] = {"t": t}
 
     def __getitem__(self, name: str) -> Any:
@@ -361,7 +362,7 @@ class DeviceBatch:
         if name == "state":
             return self._state_table[env.codes]
         if name == "state_s":
-            return env.t - self.entered_s[rows]
+            return env.t - env.entered_s
         if name == "ts":
             return self.start_epoch_s + env.t
         if name == "ts_ms":
@@ -809,6 +810,7 @@ class DeviceBatch:
         self._reply_seq[row] = seq + 1
         constants: dict[str, Any] = {
             "command": command,
+            "message": command,
             "status": status.value,
             "seq": seq,
             "ts_ms": round((self.start_epoch_s + due_s) * 1000),
