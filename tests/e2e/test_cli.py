@@ -230,51 +230,72 @@ def test_validate_suggests_the_generator_kind_a_typo_meant(
     assert "did you mean 'random_walk'?" in entry
 
 
-def test_validate_rejects_an_expression_reaching_for_dunder_attributes(
-    run_cli: RunCLI, write_file: WriteFile
-) -> None:
-    model = write_file(
-        "model.yaml",
+# Each model below has one mistake: (the part after `name: sensor`, the start of the one
+# error line, fragments the rest of that line must hold).
+ONE_MISTAKE = {
+    "dunder attribute in an expression": (
         """
-        name: sensor
         fields:
           temperature: {kind: uniform, low: 10, high: 30}
           sneaky: {kind: expression, expr: "temperature.__class__"}
-        messages:
-          telemetry:
-            schedule: {kind: interval, interval_s: 10}
         """,
-    )
-
-    result = run_cli("validate", model.name, cwd=model.parent)
-
-    assert result.returncode == EXIT_INVALID
-    [entry] = _error_entries(result.stderr)
-    assert entry.startswith("error model.yaml:4 fields.sneaky.expr: ")
-    assert "'__class__' is not allowed" in entry
-
-
-def test_validate_rejects_an_expression_calling_open(
-    run_cli: RunCLI, write_file: WriteFile
-) -> None:
-    model = write_file(
-        "model.yaml",
+        "error model.yaml:4 fields.sneaky.expr: ",
+        ["'__class__' is not allowed"],
+    ),
+    "call of open in an expression": (
         """
-        name: sensor
         fields:
           temperature: {kind: uniform, low: 10, high: 30}
           sneaky: {kind: expression, expr: "open('/etc/passwd')"}
+        """,
+        "error model.yaml:4 fields.sneaky.expr: calling 'open' is not allowed",
+        [],
+    ),
+    "message listing a missing field": (
+        """
+        fields:
+          temperature: {kind: uniform, low: 10, high: 30}
         messages:
           telemetry:
             schedule: {kind: interval, interval_s: 10}
+            fields: [temperature, pressure]
         """,
-    )
+        "error model.yaml:7 messages.telemetry.fields[1]: ",
+        ["'pressure'"],
+    ),
+    "replay of a missing CSV file": (
+        """
+        fields:
+          load:
+            kind: replay
+            file: recordings/load.csv
+            column: kw
+        """,
+        "error model.yaml:5 fields.load.file: ",
+        ["recordings/load.csv", "cannot read"],
+    ),
+}
+TELEMETRY = """
+        messages:
+          telemetry:
+            schedule: {kind: interval, interval_s: 10}
+        """
+
+
+@pytest.mark.parametrize("mistake", ONE_MISTAKE)
+def test_validate_reports_a_single_mistake_on_one_line_with_its_place(
+    run_cli: RunCLI, write_file: WriteFile, mistake: str
+) -> None:
+    body, start, fragments = ONE_MISTAKE[mistake]
+    text = "\n        name: sensor" + body + ("" if "messages:" in body else TELEMETRY)
+    model = write_file("model.yaml", text)
 
     result = run_cli("validate", model.name, cwd=model.parent)
 
     assert result.returncode == EXIT_INVALID
     [entry] = _error_entries(result.stderr)
-    assert entry.startswith("error model.yaml:4 fields.sneaky.expr: calling 'open' is not allowed")
+    assert entry.startswith(start)
+    assert all(fragment in entry for fragment in fragments)
 
 
 def test_validate_reports_a_circular_derivation_naming_both_fields(
@@ -301,57 +322,6 @@ def test_validate_reports_a_circular_derivation_naming_both_fields(
     problem = entry.partition("circular derivation")[2]
     assert "alpha" in problem
     assert "beta" in problem
-
-
-def test_validate_reports_a_message_listing_a_missing_field(
-    run_cli: RunCLI, write_file: WriteFile
-) -> None:
-    model = write_file(
-        "model.yaml",
-        """
-        name: sensor
-        fields:
-          temperature: {kind: uniform, low: 10, high: 30}
-        messages:
-          telemetry:
-            schedule: {kind: interval, interval_s: 10}
-            fields: [temperature, pressure]
-        """,
-    )
-
-    result = run_cli("validate", model.name, cwd=model.parent)
-
-    assert result.returncode == EXIT_INVALID
-    [entry] = _error_entries(result.stderr)
-    assert entry.startswith("error model.yaml:7 messages.telemetry.fields[1]: ")
-    assert "'pressure'" in entry
-
-
-def test_validate_reports_a_replay_field_whose_csv_file_is_missing(
-    run_cli: RunCLI, write_file: WriteFile
-) -> None:
-    model = write_file(
-        "model.yaml",
-        """
-        name: sensor
-        fields:
-          load:
-            kind: replay
-            file: recordings/load.csv
-            column: kw
-        messages:
-          telemetry:
-            schedule: {kind: interval, interval_s: 10}
-        """,
-    )
-
-    result = run_cli("validate", model.name, cwd=model.parent)
-
-    assert result.returncode == EXIT_INVALID
-    [entry] = _error_entries(result.stderr)
-    assert entry.startswith("error model.yaml:5 fields.load.file: ")
-    assert "recordings/load.csv" in entry
-    assert "cannot read" in entry
 
 
 def test_validate_reports_the_line_of_a_yaml_syntax_error(
