@@ -16,7 +16,6 @@ import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from iotix import __version__
 from iotix.errors import IotixError, ModelError
@@ -27,6 +26,13 @@ from iotix.schema import model_schema
 
 EXIT_INVALID = 2
 JSON_OPTIONS = orjson.OPT_NON_STR_KEYS  # CBOR and MessagePack maps may have integer keys
+
+
+def _shown(value: Any) -> str:
+    """A decoded binary value as a person reads it: bit groups as name=value pairs."""
+    if isinstance(value, dict):
+        return " ".join(f"{name}={part}" for name, part in value.items())
+    return repr(value)
 
 
 def _jsonable(value: Any) -> Any:
@@ -213,14 +219,18 @@ def _show_preview(console: Console, preview: Preview, loaded: LoadedModel) -> No
         console.print(f"    hex {message.payload.hex(' ')}")
         fields = encoder.describe(message.payload)
         if fields:
-            table = Table(box=None, padding=(0, 2), show_header=True, header_style="dim")
-            for column in ("offset", "field", "raw", "value"):
-                table.add_column(column)
-            for field in fields:
-                table.add_row(
-                    str(field.offset), field.name, field.raw.hex(" "), escape(repr(field.value))
+            # Plain columns rather than a rich table: a table wraps to the terminal's
+            # width, and a long bit-field value is easier to read on one line.
+            rows = [("offset", "field", "raw", "value")] + [
+                (str(f.offset), f.name, f.raw.hex(" "), _shown(f.value)) for f in fields
+            ]
+            widths = [max(len(row[i]) for row in rows) for i in range(3)]
+            for number, row in enumerate(rows):
+                line = "    " + "  ".join(
+                    cell.ljust(w) for cell, w in zip(row, widths, strict=False)
                 )
-            console.print(table, style="", soft_wrap=True)
+                line += "  " + row[3]
+                console.print(f"[dim]{escape(line)}[/]" if number == 0 else escape(line))
         else:
             try:
                 decoded = encoder.decode(message.payload)
