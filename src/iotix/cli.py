@@ -28,6 +28,10 @@ EXIT_INVALID = 2
 JSON_OPTIONS = orjson.OPT_NON_STR_KEYS  # CBOR and MessagePack maps may have integer keys
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _shown(value: Any) -> str:
     """A decoded binary value as a person reads it: bit groups as name=value pairs."""
     if isinstance(value, dict):
@@ -120,8 +124,8 @@ def validate(
             spec = loaded.spec
             out.print(
                 f"[green]ok[/] {escape(str(file))} "
-                f"[dim]({spec.name}: {len(spec.fields)} fields, {len(spec.messages)} messages, "
-                f"{len(spec.events)} events)[/]"
+                f"[dim]({spec.name}: {_count(len(spec.fields), 'field')}, "
+                f"{_count(len(spec.messages), 'message')}, {_count(len(spec.events), 'event')})[/]"
             )
     if invalid:
         err.print(f"[red]{invalid} invalid model file{'s' if invalid > 1 else ''}[/]")
