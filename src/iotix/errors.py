@@ -13,6 +13,10 @@ raises anything else on bad input.
       binary type, a template names a missing field). ``path`` names the payload field.
     - :class:`ReplayError` — a CSV replay file is missing or malformed. ``file`` and
       ``line`` say where.
+    - :class:`ProtocolError` — a peer broke a wire protocol (a malformed or unexpected
+      packet). ``reason_code`` is the code to close with, where the protocol has one.
+        - :class:`MQTTProtocolError` — malformed MQTT, with the MQTT 5 reason code
+          (0x81 malformed packet, 0x82 protocol error, 0x95 packet too large, ...).
 """
 
 from __future__ import annotations
@@ -96,3 +100,19 @@ class ReplayError(IotixError):
         super().__init__(f"{where}: {message}")
         self.file = file
         self.line = line
+
+
+class ProtocolError(IotixError):
+    """A peer broke a wire protocol: a malformed or unexpected packet."""
+
+    def __init__(self, message: str, *, reason_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class MQTTProtocolError(ProtocolError):
+    """Malformed or unexpected MQTT; ``reason_code`` is the MQTT 5 code to disconnect with
+    (0x81 malformed packet by default)."""
+
+    def __init__(self, message: str, *, reason_code: int = 0x81) -> None:
+        super().__init__(message, reason_code=reason_code)
