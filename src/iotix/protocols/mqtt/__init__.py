@@ -1,6 +1,15 @@
-"""MQTT 3.1.1 and 5.0 without I/O."""
+"""MQTT 3.1.1 and 5.0 without I/O.
+
+- :mod:`~iotix.protocols.mqtt.packets`: the control packets as frozen dataclasses,
+  ``encode`` / ``encode_publish`` (the hot path) and the incremental ``PacketReader``.
+- :mod:`~iotix.protocols.mqtt.session`: the client state machine built on them.
+
+Both are sans-I/O (STYLE.md §1): bytes in, bytes and events out; the adapters own the
+sockets.
+"""
 
 from iotix.protocols.mqtt.packets import (
+    NO_PROPERTIES,
     Auth,
     ConnAck,
     Connect,
@@ -30,6 +39,7 @@ from iotix.protocols.mqtt.packets import (
 )
 
 __all__ = [
+    "NO_PROPERTIES",
     "Auth",
     "ConnAck",
     "Connect",

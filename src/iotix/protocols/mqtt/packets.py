@@ -549,6 +549,7 @@ _CONTEXT_NAMES: Final[Mapping[int, str]] = {
 
 _U16: Final = struct.Struct("!H").pack
 _U32: Final = struct.Struct("!L").pack
+_U32_FROM: Final = struct.Struct("!L").unpack_from
 _HEADER_2: Final = struct.Struct("!BB").pack  # byte 1 + a one-byte Remaining Length
 _HEADER_4: Final = struct.Struct("!BBH").pack  # ... + a two-byte field (packet id, length)
 _SMALL_VBI: Final = tuple(bytes((value,)) for value in range(0x80))
@@ -586,12 +587,12 @@ def _encode_vbi(value: int) -> bytes:
 
 
 def _encode_str(text: str, what: str) -> bytes:
+    if "\x00" in text:  # MQTT-1.5.4-2 / 3.1.1 MQTT-1.5.3-2
+        raise _error(f"{what} contains U+0000")
     try:
         raw = text.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate: MQTT-1.5.4-1 / 3.1.1 MQTT-1.5.3-1
         raise _error(f"{what} is not valid UTF-8: {exc.reason}") from exc
-    if b"\x00" in raw:  # MQTT-1.5.4-2 / 3.1.1 MQTT-1.5.3-2
-        raise _error(f"{what} contains U+0000")
     if len(raw) > 0xFFFF:  # §1.5.4: a two-byte length prefix
         raise _error(f"{what} is longer than 65,535 bytes")
     return _U16(len(raw)) + raw
@@ -671,7 +672,10 @@ def encode_properties(properties: Properties, packet_type: PacketType) -> bytes:
     Pass the result of ``encode_properties(props, PacketType.PUBLISH)`` as
     ``encode_publish(properties_bytes=...)``; compute it once when it does not change.
     """
-    return _encode_property_block(properties, packet_type)
+    try:
+        return _encode_property_block(properties, packet_type)
+    except (ValueError, OverflowError, struct.error) as exc:  # e.g. a user property triple
+        raise _error(f"cannot encode properties: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------
@@ -718,13 +722,14 @@ def encode_publish(
         if dup:  # MQTT-3.3.1-2 / 3.1.1 MQTT-3.3.1-2
             raise _error("the DUP flag must be 0 for QoS 0")
         packet_id_bytes = b""
-    elif qos == 1 or qos == 2:  # noqa: PLR1714  # two int compares beat a tuple lookup here
+    elif 0 < qos < 3:
         packet_id_bytes = _encode_packet_id(packet_id)  # MQTT-2.2.1-3 / 3.1.1 MQTT-2.3.1-1
     else:  # MQTT-3.3.1-4 / 3.1.1 MQTT-3.3.1-4: QoS 3 is malformed
         raise _error(f"QoS must be 0, 1 or 2, not {qos}")
-    if b"+" in topic or b"#" in topic:  # MQTT-3.3.2-2 / 3.1.1 MQTT-3.3.2-2
+    # Membership of an int (memchr) is several times faster than of a 1-byte bytes here.
+    if 0x2B in topic or 0x23 in topic:  # "+", "#": MQTT-3.3.2-2 / 3.1.1 MQTT-3.3.2-2
         raise _error("a topic name must not contain wildcards", _TOPIC_NAME_INVALID)
-    if b"\x00" in topic:  # MQTT-1.5.4-2 / 3.1.1 MQTT-1.5.3-2
+    if 0 in topic:  # MQTT-1.5.4-2 / 3.1.1 MQTT-1.5.3-2
         raise _error("the topic contains U+0000")
     topic_length = len(topic)
     if topic_length > 0xFFFF:
@@ -1033,15 +1038,17 @@ def _decode_binary(data: bytes, pos: int, end: int, what: str) -> tuple[bytes, i
 
 def _decode_str(data: bytes, pos: int, end: int, what: str) -> tuple[str, int]:
     raw, pos = _decode_binary(data, pos, end, what)  # §1.5.4: same framing as binary data
-    if b"\x00" in raw:  # MQTT-1.5.4-2 / 3.1.1 MQTT-1.5.3-2
-        raise _error(f"{what} contains U+0000")
     try:
         # Python's strict UTF-8 codec refuses overlong forms, surrogates (U+D800..U+DFFF)
         # and code points above U+10FFFF: MQTT-1.5.4-1 / 3.1.1 MQTT-1.5.3-1. A BOM is kept,
         # never stripped (MQTT-1.5.4-3 / 3.1.1 MQTT-1.5.3-3).
-        return raw.decode("utf-8"), pos
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _error(f"{what} is not valid UTF-8: {exc.reason}") from exc
+    # Only the byte 0x00 decodes to U+0000 (the overlong C0 80 was refused above).
+    if "\x00" in text:  # MQTT-1.5.4-2 / 3.1.1 MQTT-1.5.3-2
+        raise _error(f"{what} contains U+0000")
+    return text, pos
 
 
 def _decode_property_int(spec: _PropertySpec, data: bytes, pos: int, stop: int) -> tuple[int, int]:
@@ -1058,7 +1065,7 @@ def _decode_property_int(spec: _PropertySpec, data: bytes, pos: int, stop: int) 
     elif kind is _Kind.FOUR_BYTE_INTEGER:
         if pos + 4 > stop:
             raise _truncated(name)
-        value = int.from_bytes(data[pos : pos + 4], "big")
+        value = _U32_FROM(data, pos)[0]
         pos += 4
     else:
         value, pos = _decode_vbi(data, pos, stop, name)
