@@ -6,6 +6,7 @@ here, at the edge; the core raises only :mod:`iotix.errors`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from datetime import UTC, datetime
@@ -15,16 +16,24 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
+from rich.table import Table
 
 from iotix import __version__
+from iotix.engine.fleet import default_workers, run_fleet
+from iotix.engine.results import results_document, summarise
+from iotix.engine.worker import RunSettings, parse_brokers
 from iotix.errors import IotixError, ModelError
+from iotix.metrics import Snapshot, TimeSeries, TimeSeriesRow
 from iotix.model.loader import SUFFIXES, LoadedModel, load_model
 from iotix.model.runtime import Message
 from iotix.preview import PlannedCommand, Preview, preview_model
+from iotix.protocols.mqtt.packets import ProtocolVersion
 from iotix.schema import model_schema
 
 EXIT_INVALID = 2
+EXIT_RUN_FAILED = 3
 JSON_OPTIONS = orjson.OPT_NON_STR_KEYS  # CBOR and MessagePack maps may have integer keys
 
 
@@ -302,6 +311,185 @@ def preview(
             sys.stdout.write("\n")
         return
     _show_preview(Console(highlight=False, soft_wrap=True), result, loaded)
+
+
+def _ms(value: float) -> str:
+    return "-" if value != value else f"{value * 1000:.1f}"  # noqa: PLR0124 - NaN test
+
+
+def _live_table(snapshot: Snapshot, row: TimeSeriesRow | None, devices: int) -> Table:
+    counters = snapshot.counters
+    table = Table(title="iotix run", show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="dim")
+    table.add_column()
+    table.add_row("devices connected", f"{snapshot.devices_connected:,} / {devices:,}")
+    table.add_row(
+        "connects / failures",
+        f"{counters.connects:,} / {counters.connect_failures:,}"
+        + (
+            f"  ({', '.join(f'{k}: {v}' for k, v in counters.connect_failures_by_reason.items())})"
+            if counters.connect_failures_by_reason
+            else ""
+        ),
+    )
+    rate = "-" if row is None else f"{row.messages_sent_rate_hz:,.0f}"
+    table.add_row("messages/s", rate)
+    table.add_row(
+        "sent / acked / failed",
+        f"{counters.messages_sent:,} / {counters.messages_acked:,} / {counters.messages_failed:,}",
+    )
+    ack = snapshot.ack_latency
+    if ack.count:
+        p50, p99 = ack.percentiles((50.0, 99.0))
+        table.add_row("ack latency p50 / p99", f"{_ms(p50)} / {_ms(p99)} ms")
+    lag = snapshot.schedule_lag
+    if lag.count:
+        table.add_row("schedule lag p99", f"{_ms(lag.percentile(99.0))} ms")
+    if counters.errors_by_kind:
+        table.add_row(
+            "errors", ", ".join(f"{k}: {v:,}" for k, v in counters.errors_by_kind.items())
+        )
+    return table
+
+
+def _print_summary(console: Console, summary: dict[str, Any], errors: list[str]) -> None:
+    console.print()
+    console.print("[bold]Summary[/]")
+    console.print(
+        f"  devices: {summary['connects']:,} connects, {summary['connect_failures']:,} "
+        f"connect failures, {summary['reconnects']:,} reconnects"
+    )
+    for reason, count in summary["connect_failures_by_reason"].items():
+        console.print(f"    refused or failed: {escape(reason)}: {count:,}")
+    console.print(
+        f"  messages: {summary['messages_sent']:,} sent, {summary['messages_acked']:,} acked, "
+        f"{summary['messages_failed']:,} failed, {summary['messages_in_flight']:,} in flight"
+        + (
+            f" ({summary['messages_sent_rate_hz']:,} msg/s)"
+            if summary["messages_sent_rate_hz"] is not None
+            else ""
+        )
+    )
+    for name, figures in summary["latency_s"].items():
+        parts = ", ".join(
+            f"{key.removesuffix('_s')} {value * 1000:.1f}"
+            for key, value in figures.items()
+            if key != "count" and value is not None
+        )
+        console.print(f"  {name} (ms, {int(figures['count']):,} samples): {parts}")
+    for kind, count in summary["errors_by_kind"].items():
+        console.print(f"  [yellow]{escape(kind)}[/]: {count:,}")
+    console.print(
+        "  counters reconcile: "
+        + ("[green]yes[/]" if summary["counters_reconcile"] else "[red]no[/]")
+    )
+    for error in errors:
+        console.print(f"  [red]{escape(error)}[/]")
+
+
+@app.command()
+def run(
+    model: Annotated[Path, typer.Argument(help="A model file (YAML or JSON).")],
+    broker: Annotated[
+        str,
+        typer.Option(
+            help="Broker address(es): mqtt://host:port[,host:port...] (mqtts:// for TLS)."
+        ),
+    ],
+    devices: Annotated[int, typer.Option(min=1, help="How many devices.")] = 10,
+    duration: Annotated[
+        float, typer.Option(min=0, help="Seconds to run; 0 runs until Ctrl-C.")
+    ] = 60.0,
+    rate: Annotated[float, typer.Option(min=0.1, help="New connections per second.")] = 1000.0,
+    qos: Annotated[
+        int | None, typer.Option(min=0, max=2, help="QoS for every message (default: the model's).")
+    ] = None,
+    mqtt_version: Annotated[str, typer.Option(help="3.1.1 or 5.")] = "3.1.1",
+    keepalive: Annotated[int, typer.Option(min=0, max=65535, help="Keepalive, seconds.")] = 60,
+    persistent: Annotated[
+        bool, typer.Option(help="Persistent sessions: unacked messages survive reconnects.")
+    ] = False,
+    username: Annotated[
+        str | None, typer.Option(help="User name template, e.g. '{device_id}'.")
+    ] = None,
+    password: Annotated[str | None, typer.Option(help="Password template.")] = None,
+    source_addresses: Annotated[
+        str | None,
+        typer.Option(help="Local addresses to spread connections over, e.g. 127.0.0.2,127.0.0.3."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Worker processes (default: from the fleet size).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Run seed: same seed, same device behaviour.")] = 0,
+    results: Annotated[
+        Path | None, typer.Option(help="Write the results (JSON) to this file.")
+    ] = None,
+) -> None:
+    """Run a fleet of MODEL devices against MQTT brokers, with a live view.
+
+    Exit codes: 0 the run completed, 2 bad input, 3 the run failed (no device could
+    connect, or a worker died).
+    """
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    try:
+        loaded = load_model(model)
+        brokers = parse_brokers(broker)
+    except ModelError as exc:
+        _print_model_error(err, exc)
+        raise typer.Exit(EXIT_INVALID) from None
+    except IotixError as exc:
+        err.print(f"[bold red]error[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    versions = {"3.1.1": ProtocolVersion.V311, "5": ProtocolVersion.V5, "5.0": ProtocolVersion.V5}
+    if mqtt_version not in versions:
+        raise typer.BadParameter("use 3.1.1 or 5", param_hint="--mqtt-version")
+    settings = RunSettings(
+        devices=devices,
+        brokers=brokers,
+        seed=seed,
+        duration_s=duration or None,
+        connect_rate_hz=rate,
+        qos=qos,
+        version=versions[mqtt_version],
+        keepalive_s=keepalive,
+        clean_start=not persistent,
+        username=username,
+        password=password,
+        source_addresses=tuple(a.strip() for a in (source_addresses or "").split(",") if a.strip()),
+    )
+    worker_count = workers or default_workers(devices)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(
+        f"[bold]{escape(loaded.spec.name)}[/]: {devices:,} devices, {worker_count} "
+        f"worker{'s' if worker_count > 1 else ''}, "
+        f"{', '.join(str(b) for b in brokers)}"
+        + (f", {duration:g} s" if duration else ", until Ctrl-C")
+    )
+    series = TimeSeries()
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+
+        def show(snapshot: Snapshot) -> None:
+            with contextlib.suppress(ValueError):  # snapshots from one instant: no rate
+                series.add(snapshot)
+            row = series.rows[-1] if series.rows else None
+            live.update(_live_table(snapshot, row, devices))
+
+        outcome = run_fleet(model, settings, workers=worker_count, on_snapshot=show)
+    summary = summarise(outcome.snapshot)
+    _print_summary(console, summary, outcome.worker_errors)
+    if results is not None:
+        document = results_document(
+            model_name=loaded.spec.name,
+            model_path=str(model),
+            settings=settings,
+            workers=worker_count,
+            result=outcome,
+            series=series,
+        )
+        results.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | JSON_OPTIONS))
+        console.print(f"  results: {escape(str(results))}")
+    if outcome.worker_errors or summary["connects"] == 0:
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
 @app.command()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from iotix.errors import IotixError, MQTTProtocolError
 from iotix.protocols.mqtt.session import (
@@ -69,8 +69,8 @@ class MQTTConnection(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP or TLS stream
-        self._transport = transport
+        # A stream transport (TCP or TLS); uvloop's does not subclass asyncio.Transport.
+        self._transport = cast("asyncio.Transport", transport)
         self.session.connect()
         self._flush()
         self._arm_keepalive()

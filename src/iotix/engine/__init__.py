@@ -1,0 +1,1 @@
+"""The fleet engine: workers that run shards of devices against real brokers."""

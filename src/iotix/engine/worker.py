@@ -1,0 +1,437 @@
+"""A worker: one shard of a fleet, one event loop, MQTT connections to real brokers.
+
+The worker owns a :class:`~iotix.model.runtime.DeviceBatch` for its devices and one
+:class:`~iotix.adapters.mqtt.MQTTConnection` per connected device. Its loop asks the
+batch for everything due, publishes it on the devices' connections (writes coalesce to
+one per connection per loop iteration) and sleeps until the next due time. Devices
+connect at a bounded rate with a bounded number of attempts in flight per broker, and
+reconnect with capped exponential backoff and full jitter when they lose the broker.
+
+Everything measured goes into :mod:`iotix.metrics` (counters and histograms); the
+supervisor merges the workers' snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import string
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from iotix.adapters.mqtt import MQTTConnectError, MQTTConnection, open_connection
+from iotix.errors import IotixError
+from iotix.metrics import Counters, Histogram, Snapshot
+from iotix.model.runtime import DeviceBatch
+from iotix.protocols.mqtt.packets import ProtocolVersion, Subscription
+from iotix.protocols.mqtt.session import (
+    DisconnectedEvent,
+    MessageReceivedEvent,
+    MQTTClientSession,
+    PublishAckedEvent,
+    SessionSettings,
+    reason_name,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from iotix.clock import Clock
+    from iotix.model.loader import LoadedModel
+    from iotix.protocols.mqtt.session import Event
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+class RunConfigError(IotixError):
+    """A run's settings are unusable (a broker URL that does not parse, say)."""
+
+
+@dataclass(frozen=True)
+class BrokerEndpoint:
+    host: str
+    port: int
+    tls: bool = False
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_brokers(text: str) -> tuple[BrokerEndpoint, ...]:
+    """``mqtt://host:port[,host:port...]`` (``mqtts://`` for TLS) into endpoints."""
+    scheme = "mqtt"
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+    if scheme not in DEFAULT_PORTS:
+        raise RunConfigError(f"unsupported broker scheme {scheme!r}; use mqtt:// or mqtts://")
+    endpoints = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        parsed = urlsplit(f"//{part}")
+        try:
+            port = parsed.port or DEFAULT_PORTS[scheme]
+        except ValueError as exc:
+            raise RunConfigError(f"bad port in broker address {part!r}") from exc
+        if not parsed.hostname:
+            raise RunConfigError(f"no host in broker address {part!r}")
+        endpoints.append(BrokerEndpoint(parsed.hostname, port, tls=scheme == "mqtts"))
+    if not endpoints:
+        raise RunConfigError("no broker address given")
+    return tuple(endpoints)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a fleet runs (the model says what its devices do)."""
+
+    devices: int
+    brokers: tuple[BrokerEndpoint, ...]
+    seed: int = 0
+    duration_s: float | None = None
+    connect_rate_hz: float = 1_000.0
+    connect_concurrency: int = 64
+    """Connection attempts in flight per broker endpoint (Mosquitto's backlog is 100)."""
+    qos: int | None = None
+    """Override the model's QoS for every message."""
+    version: ProtocolVersion = ProtocolVersion.V311
+    keepalive_s: int = 60
+    clean_start: bool = True
+    username: str | None = None
+    password: str | None = None
+    source_addresses: tuple[str, ...] = ()
+    max_inflight: int = 20
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    snapshot_interval_s: float = 1.0
+
+
+@dataclass
+class _Device:
+    row: int
+    session: MQTTClientSession | None = None
+    connection: MQTTConnection | None = None
+    attempts: int = 0
+    sent_at: dict[int, tuple[float, float, int]] = field(default_factory=dict)
+    """Packet id -> (sent at, due at, QoS) of each publish awaiting its ack."""
+
+
+def _command_pattern(template: str) -> tuple[str, re.Pattern[str]]:
+    """The subscription filter for a command topic template, and a regex that pulls
+    the command's name out of a topic it matches."""
+    parts = []
+    regex = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        parts.append(literal)
+        regex.append(re.escape(literal))
+        if name is None:
+            continue
+        if name == "command":
+            parts.append("+")
+            regex.append(r"(?P<command>[^/]+)")
+        else:
+            parts.append("{" + name + "}")
+            regex.append(r"[^/]+")
+    return "".join(parts), re.compile("".join(regex) + "$")
+
+
+class Worker:
+    """One shard: devices ``indices`` of ``model``."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        indices: Sequence[int],
+        settings: RunSettings,
+        clock: Clock,
+        *,
+        worker_id: int = 0,
+        on_snapshot: Callable[[Snapshot], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.clock = clock
+        self.worker_id = worker_id
+        self.batch = DeviceBatch(
+            model.spec,
+            indices=list(indices),
+            seed=settings.seed,
+            start_epoch_s=clock.start_epoch_s,
+            base_dir=model.base_dir,
+        )
+        self.first_index = int(self.batch.indices[0]) if self.batch.size else 0
+        self.devices = [_Device(row) for row in range(self.batch.size)]
+        self.counters = Counters()
+        self.connect_latency = Histogram()
+        self.ack_latency = Histogram()
+        self.intended_latency = Histogram()
+        self.schedule_lag = Histogram()
+        self.e2e_latency = Histogram()
+        self.connected = 0
+        self._on_snapshot = on_snapshot
+        self._random = random.Random(f"{settings.seed}:worker:{worker_id}")  # noqa: S311 - jitter
+        self._stopping = False
+        self._nudge = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._endpoint_slots = [
+            asyncio.Semaphore(settings.connect_concurrency) for _ in settings.brokers
+        ]
+        commands = model.spec.commands
+        self._commands = None if commands is None else _command_pattern(commands.topic)
+
+    # --- the run --------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> Snapshot:
+        """Connect the devices, send until ``duration_s`` or ``stop``, then disconnect
+        them all and return the final snapshot."""
+        stop = stop or asyncio.Event()
+        settings = self.settings
+        deadline = None if settings.duration_s is None else self.clock.now_s() + settings.duration_s
+        name = f"worker-{self.worker_id}"
+        helpers = [
+            asyncio.create_task(self._ramp(), name=f"{name}-ramp"),
+            asyncio.create_task(self._report(), name=f"{name}-report"),
+            asyncio.create_task(self._relay(stop), name=f"{name}-stop"),
+        ]
+        try:
+            while not stop.is_set():
+                now = self.clock.now_s()
+                if deadline is not None and now >= deadline:
+                    break
+                self._send(self.batch.advance(now))
+                wake = min(self.batch.next_due_s(), now + 0.25)
+                if deadline is not None:
+                    wake = min(wake, deadline)
+                # Sleep until the next due message, unless a command queued a reply or
+                # the run is stopped first.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._nudge.wait(), max(wake - self.clock.now_s(), 0.0))
+                self._nudge.clear()
+        finally:
+            self._stopping = True
+            for task in [*helpers, *self._tasks]:
+                task.cancel()
+            await asyncio.gather(*helpers, *self._tasks, return_exceptions=True)
+            await self._disconnect_all()
+        snapshot = self.snapshot()
+        if self._on_snapshot is not None:
+            self._on_snapshot(snapshot)
+        return snapshot
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            worker=self.worker_id,
+            at_s=self.clock.now_s(),
+            devices_connected=self.connected,
+            counters=self.counters,
+            connect_latency=self.connect_latency,
+            ack_latency=self.ack_latency,
+            e2e_latency=self.e2e_latency,
+            schedule_lag=self.schedule_lag,
+            intended_latency=self.intended_latency,
+        )
+
+    async def _relay(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._nudge.set()
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.snapshot_interval_s)
+            if self._on_snapshot is not None:
+                self._on_snapshot(self.snapshot())
+
+    # --- sending --------------------------------------------------------------------
+
+    def _send(self, messages: list[Any]) -> None:
+        counters = self.counters
+        now = self.clock.now_s()
+        qos_override = self.settings.qos
+        devices = self.devices
+        first = self.first_index
+        lag = self.schedule_lag.record
+        for message in messages:
+            device = devices[message.device_index - first]
+            connection = device.connection
+            if connection is None or connection.closed:
+                # The device is between connections: a real one would not send either.
+                counters.count_error("not sent: device not connected")
+                continue
+            qos = message.qos if qos_override is None else qos_override
+            packet_id = connection.publish(
+                message.topic, message.payload, qos=qos, retain=message.retain
+            )
+            counters.count_sent(qos, len(message.payload))
+            lag(max(now - message.due_s, 0.0))
+            if packet_id is not None:
+                device.sent_at[packet_id] = (now, message.due_s, qos)
+
+    # --- connections ----------------------------------------------------------------
+
+    async def _ramp(self) -> None:
+        """Start connecting the devices at ``connect_rate_hz``."""
+        start = self.clock.now_s()
+        rate = self.settings.connect_rate_hz
+        for device in self.devices:
+            due = start + device.row / rate
+            delay = due - self.clock.now_s()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._spawn(self._connect(device), f"connect-{device.row}")
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _session_settings(self, device: _Device) -> SessionSettings:
+        settings = self.settings
+        index = self.first_index + device.row
+        device_id = self.batch.device_ids[device.row]
+
+        def fill(template: str | None) -> str | None:
+            return None if template is None else template.format(device_id=device_id, index=index)
+
+        password = fill(settings.password)
+        return SessionSettings(
+            client_id=device_id,
+            version=settings.version,
+            keepalive_s=settings.keepalive_s,
+            clean_start=settings.clean_start,
+            username=fill(settings.username),
+            password=None if password is None else password.encode(),
+            max_inflight=settings.max_inflight,
+        )
+
+    async def _connect(self, device: _Device) -> None:
+        settings = self.settings
+        index = self.first_index + device.row
+        slot = index % len(settings.brokers)
+        endpoint = settings.brokers[slot]
+        sources = settings.source_addresses
+        source = sources[index % len(sources)] if sources else None
+        counters = self.counters
+        counters = self.counters
+        async with self._endpoint_slots[slot]:
+            counters.connect_attempts += 1
+            started = self.clock.now_s()
+            try:
+                connection = await open_connection(
+                    endpoint.host,
+                    endpoint.port,
+                    self._session_settings(device),
+                    on_event=lambda event: self._on_event(device, event),
+                    local_address=source,
+                    session=device.session,
+                )
+            except MQTTConnectError as exc:
+                reason = (
+                    reason_name(exc.reason_code) if exc.reason_code is not None else "unreachable"
+                )
+                counters.count_connect_failure(reason)
+                self._reconnect_later(device)
+                return
+        self.connect_latency.record(self.clock.now_s() - started)
+        counters.connects += 1
+        if device.attempts:
+            counters.reconnects += 1
+        device.attempts = 0
+        device.connection = connection
+        device.session = connection.session
+        self.connected += 1
+        if self._commands is not None:
+            filter_template = self._commands[0]
+            topic_filter = self.batch.render(filter_template, device.row)
+            await connection.subscribe([Subscription(topic_filter, qos=1)])
+        await connection.wait_closed()
+        self.connected -= 1
+        device.connection = None
+        if settings.clean_start:
+            self._fail_unacked(device)  # a clean session will not send them again
+        if not self._stopping:
+            counters.disconnects += 1
+            self._reconnect_later(device)
+
+    def _fail_unacked(self, device: _Device) -> None:
+        for _, _, qos in device.sent_at.values():
+            self.counters.count_failed(qos)
+        device.sent_at.clear()
+
+    def _reconnect_later(self, device: _Device) -> None:
+        if self._stopping:
+            return
+        device.attempts += 1
+        settings = self.settings
+        # Capped exponential backoff with full jitter: devices dropped together do not
+        # come back together.
+        ceiling = min(
+            settings.reconnect_max_s, settings.reconnect_min_s * 2 ** (device.attempts - 1)
+        )
+        delay = self._random.uniform(0, ceiling)
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            await self._connect(device)
+
+        self._spawn(later(), f"reconnect-{device.row}")
+
+    async def _disconnect_all(self) -> None:
+        """DISCONNECT every device; what is still unacknowledged then counts as failed,
+        so the counters reconcile with nothing left in flight."""
+        closing = [
+            device.connection.disconnect()
+            for device in self.devices
+            if device.connection is not None and not device.connection.closed
+        ]
+        if closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 10.0)
+        for device in self.devices:
+            self._fail_unacked(device)
+
+    # --- events ---------------------------------------------------------------------
+
+    def _on_event(self, device: _Device, event: Event) -> None:
+        counters = self.counters
+        if isinstance(event, PublishAckedEvent):
+            sent = device.sent_at.pop(event.packet_id, None)
+            if event.reason_code >= 0x80:
+                counters.count_failed(event.qos)
+                counters.count_error(f"publish refused: {reason_name(event.reason_code)}")
+            else:
+                counters.count_acked(event.qos)
+            if sent is not None and event.reason_code < 0x80:
+                now = self.clock.now_s()
+                self.ack_latency.record(now - sent[0])
+                self.intended_latency.record(now - sent[1])
+        elif isinstance(event, MessageReceivedEvent):
+            counters.count_received(len(event.payload))
+            self._command(device, event)
+        elif isinstance(event, DisconnectedEvent) and event.by_server:
+            counters.count_error(f"server disconnect: {reason_name(event.reason_code)}")
+
+    def _command(self, device: _Device, event: MessageReceivedEvent) -> None:
+        if self._commands is None:
+            return
+        match = self._commands[1].match(event.topic)
+        if match is None:
+            return
+        counters = self.counters
+        counters.commands_received += 1
+        try:
+            payload = orjson.loads(event.payload) if event.payload else {}
+        except orjson.JSONDecodeError:
+            payload = {"raw": event.payload.decode("utf-8", "replace")}
+        try:
+            self.batch.handle_command(device.row, match["command"], payload, self.clock.now_s())
+            self._nudge.set()  # its reply may be due sooner than the loop would wake
+        except IotixError as exc:
+            counters.count_error(f"command failed: {type(exc).__name__}")
+            return
+        counters.commands_answered += 1

@@ -1,0 +1,131 @@
+"""`iotix run` as a user runs it: a real Mosquitto, a results file, exit codes."""
+
+from __future__ import annotations
+
+import json
+import queue
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from iotix.testing import MosquittoBroker, find_mosquitto
+
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    RunCLI = Callable[..., subprocess.CompletedProcess[str]]
+
+THERMOSTAT = "examples/device-models/thermostat.yaml"
+
+
+@pytest.fixture
+def broker() -> Iterator[MosquittoBroker]:
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.fail("Mosquitto is not installed: run scripts/services", pytrace=False)
+    with MosquittoBroker(binary=binary) as running:
+        yield running
+
+
+def run_json(run_cli: RunCLI, tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    results = tmp_path / "results.json"
+    done = run_cli("run", *args, "--results", str(results))
+    document = json.loads(results.read_text(encoding="utf-8")) if results.exists() else {}
+    return done.returncode, document, done.stdout + done.stderr
+
+
+def test_run_connects_every_device_and_accounts_for_every_message(
+    run_cli: RunCLI, tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    received: queue.Queue[bytes] = queue.Queue()
+    probe = paho.Client(CallbackAPIVersion.VERSION2)
+    probe.on_message = lambda _c, _u, message: received.put(message.payload)
+    probe.connect(broker.host, broker.port)
+    probe.loop_start()
+    probe.subscribe("buildings/+/thermostats/+/telemetry", qos=1).__class__  # noqa: B018
+    try:
+        code, document, output = run_json(
+            run_cli,
+            tmp_path,
+            THERMOSTAT,
+            "--broker",
+            broker.url,
+            "--devices",
+            "30",
+            "--duration",
+            "12",
+            "--seed",
+            "3",
+        )
+    finally:
+        probe.loop_stop()
+        probe.disconnect()
+    assert code == 0, output
+    summary = document["summary"]
+    assert summary["connects"] == 30
+    assert summary["connect_failures"] == 0
+    assert summary["messages_sent"] > 0
+    # The thermostat sends at QoS 1: every message is acknowledged, none in flight.
+    assert summary["messages_acked"] == summary["messages_sent"]
+    assert summary["counters_reconcile"] is True
+    assert received.qsize() == summary["messages_sent"]
+    assert document["settings"]["brokers"] == [broker.url]
+    assert "password" not in document["settings"]
+    assert summary["latency_s"]["ack_latency"]["count"] == summary["messages_acked"]
+
+
+def test_run_spreads_a_fleet_over_several_workers(
+    run_cli: RunCLI, tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    code, document, output = run_json(
+        run_cli,
+        tmp_path,
+        THERMOSTAT,
+        "--broker",
+        broker.url,
+        "--devices",
+        "40",
+        "--workers",
+        "2",
+        "--duration",
+        "6",
+    )
+    assert code == 0, output
+    assert document["settings"]["workers"] == 2
+    assert document["summary"]["connects"] == 40
+
+
+def test_run_reports_refused_devices_by_reason(run_cli: RunCLI, tmp_path: Path) -> None:
+    binary = find_mosquitto()
+    assert binary is not None
+    with MosquittoBroker(binary=binary, users={"good": "secret"}, allow_anonymous=False) as secured:
+        code, document, output = run_json(
+            run_cli,
+            tmp_path,
+            THERMOSTAT,
+            "--broker",
+            secured.url,
+            "--devices",
+            "5",
+            "--duration",
+            "3",
+            "--username",
+            "good",
+            "--password",
+            "wrong",
+        )
+    assert code == 3, output
+    reasons = document["summary"]["connect_failures_by_reason"]
+    assert set(reasons) <= {"not authorized", "bad user name or password"}
+    assert sum(reasons.values()) >= 5
+    assert "Traceback" not in output
+
+
+def test_run_with_a_broker_address_that_does_not_parse_exits_2(run_cli: RunCLI) -> None:
+    done = run_cli("run", THERMOSTAT, "--broker", "http://example:1883")
+    assert done.returncode == 2
+    assert "mqtt://" in done.stderr
