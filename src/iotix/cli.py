@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from iotix import __version__
-from iotix.engine.fleet import default_workers, run_fleet
+from iotix.engine.fleet import FleetPlan, default_workers, run_fleet
 from iotix.engine.results import results_document, summarise
 from iotix.engine.worker import RunSettings, parse_brokers
 from iotix.errors import IotixError, ModelError
@@ -474,7 +474,9 @@ def run(
             row = series.rows[-1] if series.rows else None
             live.update(_live_table(snapshot, row, devices))
 
-        outcome = run_fleet(model, settings, workers=worker_count, on_snapshot=show)
+        outcome = run_fleet(
+            [FleetPlan(model, devices)], settings, workers=worker_count, on_snapshot=show
+        )
     summary = summarise(outcome.snapshot)
     _print_summary(console, summary, outcome.worker_errors)
     if results is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import TYPE_CHECKING, Any, cast
 
 from iotix.errors import IotixError, MQTTProtocolError
@@ -29,7 +30,6 @@ from iotix.protocols.mqtt.session import (
 )
 
 if TYPE_CHECKING:
-    import ssl
     from collections.abc import Callable, Iterable, Mapping
 
     from iotix.protocols.mqtt.packets import Property, Subscription
@@ -65,6 +65,7 @@ class MQTTConnection(asyncio.Protocol):
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._waiters: dict[int, asyncio.Future[Any]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._lost = False
 
     # --- asyncio.Protocol -----------------------------------------------------------
 
@@ -87,11 +88,13 @@ class MQTTConnection(asyncio.Protocol):
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         if self._timer is not None:
             self._timer.cancel()
         for event in self.session.connection_lost():
             self._dispatch(event)
-        error = MQTTConnectError(f"connection lost: {exc}" if exc else "connection closed")
+        error = MQTTConnectError(_lost_reason(exc))
+        error.__cause__ = exc
         if not self._connected.done():
             self._connected.set_exception(error)
         for waiter in self._waiters.values():
@@ -139,7 +142,7 @@ class MQTTConnection(asyncio.Protocol):
         self._flush()
         if self._transport is not None:
             self._transport.close()
-        await self._closed
+        await self.wait_closed()
 
     def abort(self) -> None:
         """Drop the connection at once (no DISCONNECT: the will message is sent)."""
@@ -147,12 +150,13 @@ class MQTTConnection(asyncio.Protocol):
             self._transport.abort()
 
     async def wait_closed(self) -> None:
-        await self._closed
+        # Shielded: a waiter that is cancelled must not mark the connection closed.
+        await asyncio.shield(self._closed)
 
     @property
     def closed(self) -> bool:
         """True once the transport has closed, for whatever reason."""
-        return self._closed.done()
+        return self._lost
 
     # --- internals ------------------------------------------------------------------
 
@@ -198,6 +202,18 @@ class MQTTConnection(asyncio.Protocol):
         self._timer = self._loop.call_later(delay, self._arm_keepalive)
 
 
+def _lost_reason(exc: Exception | None) -> str:
+    """Why a connection closed, in words; TLS refusals by the broker made readable."""
+    if exc is None:
+        return "connection closed"
+    text = str(exc)
+    if "CERTIFICATE_REQUIRED" in text or "HANDSHAKE_FAILURE" in text:
+        return "the broker refused the TLS handshake: it requires a client certificate"
+    if "UNKNOWN_CA" in text or "BAD_CERTIFICATE" in text:
+        return "the broker refused the TLS handshake: it does not trust the client certificate"
+    return f"connection lost: {text}"
+
+
 async def open_connection(
     host: str,
     port: int,
@@ -208,6 +224,7 @@ async def open_connection(
     local_address: str | None = None,
     timeout_s: float = 10.0,
     session: MQTTClientSession | None = None,
+    server_hostname: str | None = None,
 ) -> MQTTConnection:
     """Connect and wait for the CONNACK. Raises :class:`MQTTConnectError` with the
     server's reason when it refuses, or with the socket error chained.
@@ -225,9 +242,13 @@ async def open_connection(
                 port,
                 ssl=ssl_context,
                 local_addr=None if local_address is None else (local_address, 0),
+                # Only meaningful with TLS: asyncio refuses it otherwise.
+                server_hostname=server_hostname if ssl_context is not None else None,
             )
             await connection._connected  # noqa: SLF001 - the factory's own future
-    except MQTTConnectError:
+    except (MQTTConnectError, asyncio.CancelledError):
+        # Refused, or the caller gave up (a run that stops while devices connect):
+        # never leave a half-open socket behind.
         if connection is not None:
             connection.abort()
         raise
@@ -235,6 +256,11 @@ async def open_connection(
         if connection is not None:
             connection.abort()
         raise MQTTConnectError(f"no CONNACK from {host}:{port} within {timeout_s:g} s") from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise MQTTConnectError(
+            f"TLS: certificate verification of the server {host}:{port} failed: "
+            f"{exc.verify_message} (check the CA file, or the server name)"
+        ) from exc
     except OSError as exc:
         raise MQTTConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
     return connection

@@ -18,7 +18,8 @@ import queue
 import resource
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvloop
@@ -30,9 +31,8 @@ from iotix.metrics import Snapshot
 from iotix.model.loader import load_model
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from multiprocessing.synchronize import Event as ProcessEvent
-    from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -142,26 +142,47 @@ def _worker_main(
     asyncio.run(main())
 
 
+@dataclass(frozen=True)
+class FleetPlan:
+    """One model's devices in a run."""
+
+    model_path: Path
+    devices: int
+
+
+def plan_jobs(fleets: Sequence[FleetPlan], settings: RunSettings, workers: int) -> list[_Job]:
+    """Shards for every fleet: workers shared in proportion to the fleets' sizes, at
+    least one each; worker ids are unique across the run."""
+    total = sum(f.devices for f in fleets) or 1
+    jobs: list[_Job] = []
+    for fleet in fleets:
+        share = max(1, round(workers * fleet.devices / total))
+        fleet_settings = replace(settings, devices=fleet.devices)
+        for shard in plan_shards(fleet.devices, share):
+            jobs.append(_Job(str(fleet.model_path), shard, fleet_settings, len(jobs)))
+    return jobs
+
+
 def run_fleet(
-    model_path: Path,
+    fleets: Sequence[FleetPlan],
     settings: RunSettings,
     *,
     workers: int,
     on_snapshot: Callable[[Snapshot], None] | None = None,
 ) -> FleetResult:
-    """Run the fleet in ``workers`` processes until the duration ends or Ctrl-C."""
+    """Run the fleets in about ``workers`` processes until the duration ends or Ctrl-C."""
     context = multiprocessing.get_context("spawn")
     snapshots: multiprocessing.Queue[dict[str, Any]] = context.Queue()
     stop = context.Event()
-    shards = plan_shards(settings.devices, workers)
+    jobs = plan_jobs(fleets, settings, workers)
     processes = [
         context.Process(
             target=_worker_main,
-            args=(_Job(str(model_path), shard, settings, number), snapshots, stop),
-            name=f"iotix-worker-{number}",
+            args=(job, snapshots, stop),
+            name=f"iotix-worker-{job.worker_id}",
             daemon=True,
         )
-        for number, shard in enumerate(shards)
+        for job in jobs
     ]
     for process in processes:
         process.start()
@@ -190,10 +211,12 @@ def run_fleet(
                 if deadline is None:
                     deadline = time.monotonic() + 2.0
                 elif time.monotonic() > deadline:
+                    shard = jobs[number].shard
                     errors.append(
                         f"worker {number} died (exit code {process.exitcode}) without its "
-                        f"final snapshot; its devices {shards[number].start}-"
-                        f"{shards[number].stop - 1} are counted up to its last snapshot"
+                        f"final snapshot; its devices {shard.start}-{shard.stop - 1} of "
+                        f"{Path(jobs[number].model_path).name} are counted up to its last "
+                        "snapshot"
                     )
                     finished.add(number)
     except KeyboardInterrupt:

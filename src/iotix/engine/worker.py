@@ -153,6 +153,7 @@ class Worker:
         *,
         worker_id: int = 0,
         on_snapshot: Callable[[Snapshot], None] | None = None,
+        on_connected: Callable[[int, float], None] | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -175,6 +176,7 @@ class Worker:
         self.e2e_latency = Histogram()
         self.connected = 0
         self._on_snapshot = on_snapshot
+        self._on_connected = on_connected
         self._random = random.Random(f"{settings.seed}:worker:{worker_id}")  # noqa: S311 - jitter
         self._stopping = False
         self._nudge = asyncio.Event()
@@ -345,6 +347,8 @@ class Worker:
         device.connection = connection
         device.session = connection.session
         self.connected += 1
+        if self._on_connected is not None:
+            self._on_connected(device.row, self.clock.now_s())
         if self._commands is not None:
             filter_template = self._commands[0]
             topic_filter = self.batch.render(filter_template, device.row)

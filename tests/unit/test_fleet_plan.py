@@ -1,0 +1,57 @@
+"""How a fleet is split into worker shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from iotix.engine.fleet import FleetPlan, plan_jobs, plan_shards
+from iotix.engine.worker import BrokerEndpoint, RunConfigError, RunSettings, parse_brokers
+
+
+@pytest.mark.parametrize(("devices", "workers"), [(10, 3), (100_000, 6), (5, 8), (1, 1)])
+def test_shards_cover_every_device_once_in_balanced_contiguous_ranges(
+    devices: int, workers: int
+) -> None:
+    shards = plan_shards(devices, workers)
+    assert [i for shard in shards for i in shard] == list(range(devices))
+    sizes = [len(shard) for shard in shards]
+    assert max(sizes) - min(sizes) <= 1
+    assert len(shards) == min(workers, devices)
+
+
+def test_workers_are_shared_between_fleets_in_proportion() -> None:
+    settings = RunSettings(devices=0, brokers=(BrokerEndpoint("127.0.0.1", 1883),))
+    jobs = plan_jobs(
+        [FleetPlan(Path("a.yaml"), 900), FleetPlan(Path("b.yaml"), 100)], settings, workers=4
+    )
+    by_model: dict[str, int] = {}
+    for job in jobs:
+        by_model[job.model_path] = by_model.get(job.model_path, 0) + len(job.shard)
+    assert by_model == {"a.yaml": 900, "b.yaml": 100}
+    assert [job.worker_id for job in jobs] == list(range(len(jobs)))
+    assert sum(1 for job in jobs if job.model_path == "b.yaml") == 1
+
+
+def test_broker_urls_parse_into_endpoints() -> None:
+    assert parse_brokers("mqtt://127.0.0.1:1884,127.0.0.2") == (
+        BrokerEndpoint("127.0.0.1", 1884),
+        BrokerEndpoint("127.0.0.2", 1883),
+    )
+    assert parse_brokers("mqtts://broker.local") == (
+        BrokerEndpoint("broker.local", 8883, tls=True),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("http://x:1", "unsupported broker scheme"),
+        ("mqtt://x:port", "bad port"),
+        ("mqtt://", "no broker"),
+    ],
+)
+def test_bad_broker_urls_are_refused_with_the_reason(text: str, problem: str) -> None:
+    with pytest.raises(RunConfigError, match=problem):
+        parse_brokers(text)

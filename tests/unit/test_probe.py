@@ -1,0 +1,324 @@
+"""The probe's pure core: delivery counts, latency, memory bound, payloads and sampling."""
+
+from __future__ import annotations
+
+import math
+import sys
+import zlib
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from iotix.engine.probe import (
+    DeliveryTracker,
+    in_sample,
+    parse_json_payload,
+    sample_buckets,
+    topic_stream,
+)
+
+SENT_MS = 1_700_000_000_000
+"""An epoch in milliseconds; receive times below are this plus a known latency."""
+SENT_S = SENT_MS / 1000
+
+
+def feed(tracker: DeliveryTracker, seqs: list[int], device: str = "d1", stream: str = "t") -> None:
+    for seq in seqs:
+        tracker.observe(device, stream, seq, SENT_MS, SENT_S + 0.01)
+
+
+def test_in_order_delivery_has_no_loss() -> None:
+    tracker = DeliveryTracker()
+    feed(tracker, list(range(100)))
+    summary = tracker.finish()
+    assert summary["received"] == 100
+    assert summary["expected"] == 100
+    assert summary["lost"] == 0
+    assert summary["duplicates"] == 0
+    assert summary["reordered"] == 0
+    assert summary["delivery_ratio"] == 1.0
+
+
+def test_a_gap_is_lost_at_finish() -> None:
+    tracker = DeliveryTracker()
+    feed(tracker, [0, 1, 3, 4])
+    summary = tracker.finish()
+    assert summary["expected"] == 5
+    assert summary["lost"] == 1
+    assert summary["delivery_ratio"] == pytest.approx(4 / 5)
+
+
+def test_a_gap_filled_late_is_reordered_not_lost() -> None:
+    tracker = DeliveryTracker()
+    feed(tracker, [0, 1, 3, 4, 2])
+    summary = tracker.finish()
+    assert summary["lost"] == 0
+    assert summary["reordered"] == 1
+    assert summary["received"] == 5
+
+
+def test_a_duplicate_is_counted_once_and_not_as_received_unique() -> None:
+    tracker = DeliveryTracker()
+    feed(tracker, [0, 1, 1, 2])
+    summary = tracker.finish()
+    assert summary["duplicates"] == 1
+    assert summary["received"] == 4
+    assert summary["unique"] == 3
+    assert summary["lost"] == 0
+    assert summary["reordered"] == 0
+
+
+def test_a_duplicate_is_not_recorded_as_latency() -> None:
+    tracker = DeliveryTracker()
+    feed(tracker, [0, 0])
+    assert tracker.e2e_latency.count == 1
+
+
+def test_two_streams_of_one_device_are_independent() -> None:
+    tracker = DeliveryTracker()
+    feed(tracker, [0, 1, 2], stream="telemetry")
+    feed(tracker, [0, 2], stream="alarm")
+    summary = tracker.finish()
+    assert summary["streams"] == 2
+    assert summary["expected"] == 3 + 3
+    assert summary["lost"] == 1
+    assert summary["duplicates"] == 0
+
+
+def test_two_devices_with_one_stream_name_are_independent() -> None:
+    tracker = DeliveryTracker()
+    feed(tracker, [0, 1], device="a")
+    feed(tracker, [0, 1], device="b")
+    assert tracker.finish()["duplicates"] == 0
+
+
+def test_latency_histogram_gets_received_minus_sent() -> None:
+    tracker = DeliveryTracker()
+    tracker.observe("d1", "t", 0, SENT_MS, SENT_S + 0.250)
+    latency = tracker.summary()["e2e_latency"]
+    assert latency["count"] == 1
+    assert latency["min_s"] == pytest.approx(0.250, abs=1e-6)
+
+
+def test_negative_latency_is_clamped_to_zero_and_counted_as_clock_skew() -> None:
+    tracker = DeliveryTracker()
+    tracker.observe("d1", "t", 0, SENT_MS, SENT_S - 0.5)
+    tracker.observe("d1", "t", 1, SENT_MS, SENT_S + 0.1)
+    summary = tracker.summary()
+    assert summary["clock_skew"] == 1
+    assert summary["max_clock_skew_s"] == pytest.approx(0.5, abs=1e-6)
+    assert summary["e2e_latency"]["min_s"] == 0.0
+    assert summary["e2e_latency"]["count"] == 2
+
+
+def test_seqs_before_the_first_seen_count_as_expected_and_lost() -> None:
+    tracker = DeliveryTracker()
+    feed(tracker, [5, 6])
+    summary = tracker.finish()
+    assert summary["expected"] == 7
+    assert summary["lost"] == 5
+
+
+def test_lost_so_far_gives_the_latest_seqs_a_grace() -> None:
+    tracker = DeliveryTracker(window_seqs=64)
+    feed(tracker, [0, 2, 3, 4, 5, 6, 8])  # 1 and 7 missing; highest 8
+    assert tracker.lost_so_far(0) == 2
+    assert tracker.lost_so_far(1) == 2  # 7 <= 8 - 1
+    assert tracker.lost_so_far(2) == 1  # only 1 <= 8 - 2 counts
+    assert tracker.lost_so_far(7) == 1
+    assert tracker.lost_so_far(8) == 0
+    assert tracker.lost_so_far(1000) == 0
+
+
+def test_lost_so_far_with_a_grace_counts_across_the_ring_wrap() -> None:
+    tracker = DeliveryTracker(window_seqs=16)
+    feed(tracker, [s for s in range(40) if s not in {30, 35}])
+    # Window holds 24..39; with a grace of 3, seqs 24..36 count: 30 and 35 are missing.
+    assert tracker.lost_so_far(3) == 2
+    assert tracker.lost_so_far(5) == 1
+
+
+def test_gaps_evicted_from_the_window_stay_lost() -> None:
+    tracker = DeliveryTracker(window_seqs=8)
+    feed(tracker, [s for s in range(100) if s != 10])
+    assert tracker.lost_so_far(8) == 1
+    assert tracker.finish()["lost"] == 1
+
+
+def test_a_late_arrival_from_below_the_window_is_reordered_and_fills_its_gap() -> None:
+    tracker = DeliveryTracker(window_seqs=8)
+    feed(tracker, [s for s in range(100) if s != 10])
+    feed(tracker, [10])
+    summary = tracker.finish()
+    assert summary["lost"] == 0
+    assert summary["reordered"] == 1
+    assert summary["below_window"] == 1
+    assert summary["duplicates"] == 0
+
+
+def test_a_jump_larger_than_the_window_counts_every_skipped_seq() -> None:
+    tracker = DeliveryTracker(window_seqs=8)
+    feed(tracker, [0, 1, 2, 1000, 1001])
+    summary = tracker.finish()
+    assert summary["expected"] == 1002
+    assert summary["lost"] == 1002 - 5
+
+
+def test_window_pruning_keeps_memory_bounded() -> None:
+    tracker = DeliveryTracker(window_seqs=1024)
+    observe = tracker.observe
+    for seq in range(1_000_000):
+        observe("d1", "t", seq, SENT_MS, SENT_S)
+    (state,) = tracker._streams.values()
+    assert len(state.bits) == 1024 // 8
+    assert sys.getsizeof(state.bits) < 256
+    assert state.in_window == 1024
+    assert state.evicted_missing == 0
+    assert tracker.finish()["lost"] == 0
+
+
+def test_observing_after_finish_is_an_error() -> None:
+    tracker = DeliveryTracker()
+    tracker.finish()
+    with pytest.raises(RuntimeError):
+        feed(tracker, [0])
+
+
+def test_an_empty_tracker_has_no_delivery_ratio() -> None:
+    assert math.isnan(DeliveryTracker().finish()["delivery_ratio"])
+
+
+def test_a_negative_seq_is_rejected() -> None:
+    with pytest.raises(ValueError, match="negative"):
+        feed(DeliveryTracker(), [-1])
+
+
+# -- against an unbounded reference --------------------------------------------------
+
+
+def reference(seqs: list[int]) -> dict[str, int]:
+    """Exact counts from an unbounded set: what the tracker must agree with."""
+    seen: set[int] = set()
+    highest = -1
+    duplicates = reordered = 0
+    for seq in seqs:
+        if seq in seen:
+            duplicates += 1
+            continue
+        if seq < highest:
+            reordered += 1
+        seen.add(seq)
+        highest = max(highest, seq)
+    return {
+        "expected": highest + 1,
+        "lost": highest + 1 - len(seen),
+        "duplicates": duplicates,
+        "reordered": reordered,
+        "received": len(seqs),
+    }
+
+
+def tracked(seqs: list[int], window_seqs: int) -> dict[str, int]:
+    tracker = DeliveryTracker(window_seqs=window_seqs)
+    feed(tracker, seqs)
+    summary = tracker.finish()
+    return {
+        name: summary[name] for name in ("expected", "lost", "duplicates", "reordered", "received")
+    }
+
+
+arrivals = st.lists(st.integers(min_value=0, max_value=200), max_size=300)
+
+
+@given(arrivals)
+def test_counts_are_exact_when_the_window_covers_every_seq(seqs: list[int]) -> None:
+    assert tracked(seqs, window_seqs=256) == reference(seqs)
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=200), unique=True, max_size=200),
+    st.integers(min_value=1, max_value=40),
+)
+def test_counts_are_exact_with_any_window_when_nothing_is_duplicated(
+    seqs: list[int], window_seqs: int
+) -> None:
+    assert tracked(seqs, window_seqs) == reference(seqs)
+
+
+@given(arrivals, st.integers(min_value=1, max_value=40))
+def test_unique_plus_lost_is_at_least_expected_with_any_window(
+    seqs: list[int], window_seqs: int
+) -> None:
+    tracker = DeliveryTracker(window_seqs=window_seqs)
+    feed(tracker, seqs)
+    summary = tracker.finish()
+    # Equal unless a duplicate arrived from below the window (taken as a late first
+    # arrival): then lost may be low, never high.
+    assert summary["lost"] <= reference(seqs)["lost"]
+    assert summary["unique"] + summary["lost"] >= summary["expected"]
+
+
+# -- payloads, streams and sampling --------------------------------------------------
+
+
+def test_parse_json_payload_reads_the_default_telemetry_payload() -> None:
+    payload = orjson.dumps({"device_id": "dev-7", "ts_ms": SENT_MS, "seq": 42, "temp": 21.5})
+    assert parse_json_payload(payload) == ("dev-7", 42, SENT_MS)
+
+
+def test_parse_json_payload_rounds_a_float_timestamp() -> None:
+    payload = orjson.dumps({"device_id": "d", "ts_ms": 1000.6, "seq": 0})
+    assert parse_json_payload(payload) == ("d", 0, 1001)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"ts_ms": 1, "seq": 0}',
+        b'{"device_id": "d", "ts_ms": 1}',
+        b'{"device_id": "d", "seq": 0}',
+        b'{"device_id": 7, "ts_ms": 1, "seq": 0}',
+        b'{"device_id": "d", "ts_ms": 1, "seq": -1}',
+        b'{"device_id": "d", "ts_ms": 1, "seq": true}',
+        b'{"device_id": "d", "ts_ms": 1, "seq": 1.5}',
+        b'{"device_id": "d", "ts_ms": "1", "seq": 0}',
+    ],
+)
+def test_parse_json_payload_returns_none_without_the_fields(payload: bytes) -> None:
+    assert parse_json_payload(payload) is None
+
+
+def test_the_stream_is_the_topics_last_level() -> None:
+    assert topic_stream("fleet/dev-1/telemetry") == "telemetry"
+    assert topic_stream("single") == "single"
+
+
+def test_sampling_is_deterministic_and_nested() -> None:
+    devices = [f"device-{index}" for index in range(10_000)]
+    tenth = [d for d in devices if in_sample(d, 0.1)]
+    assert tenth == [d for d in devices if in_sample(d, 0.1)]
+    assert 800 < len(tenth) < 1200
+    half = {d for d in devices if in_sample(d, 0.5)}
+    assert set(tenth) <= half
+    assert all(in_sample(d, 1.0) for d in devices)
+
+
+def test_sampling_keeps_devices_whose_crc32_falls_below_the_fraction() -> None:
+    bucket = zlib.crc32(b"device-1") % 10_000
+    assert in_sample("device-1", (bucket + 1) / 10_000)
+    assert not in_sample("device-1", bucket / 10_000)
+
+
+@pytest.mark.parametrize("sample", [0.0003, 0.0006, 0.0029, 0.1, 0.5])
+def test_a_sample_keeps_its_share_of_buckets_despite_float_noise(sample: float) -> None:
+    assert sample_buckets(sample) == round(sample * 10_000)
+
+
+@pytest.mark.parametrize("sample", [0.0, -0.1, 1.5])
+def test_a_sample_outside_zero_to_one_is_rejected(sample: float) -> None:
+    with pytest.raises(ValueError, match="sample"):
+        in_sample("d", sample)
