@@ -21,9 +21,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from iotix import __version__
+from iotix.adapters.tls import TLSContextCache, TLSSettings
 from iotix.engine.fleet import FleetPlan, default_workers, run_fleet
 from iotix.engine.results import results_document, summarise
-from iotix.engine.worker import RunSettings, parse_brokers
+from iotix.engine.worker import RunConfigError, RunSettings, parse_brokers
 from iotix.errors import IotixError, ModelError
 from iotix.metrics import Snapshot, TimeSeries, TimeSeriesRow
 from iotix.model.loader import SUFFIXES, LoadedModel, load_model
@@ -421,6 +422,20 @@ def run(
         int | None, typer.Option(min=1, help="Worker processes (default: from the fleet size).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Run seed: same seed, same device behaviour.")] = 0,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="CA file (PEM) for mqtts:// brokers; default: system store.")
+    ] = None,
+    tls_cert: Annotated[
+        str | None,
+        typer.Option(help="Client certificate (PEM), a template: 'certs/{device_id}.crt'."),
+    ] = None,
+    tls_key: Annotated[str | None, typer.Option(help="Client key (PEM), a template.")] = None,
+    tls_insecure: Annotated[
+        bool, typer.Option(help="Do not verify the broker (test brokers only).")
+    ] = False,
+    tls_server_name: Annotated[
+        str | None, typer.Option(help="Name to verify the broker's certificate against.")
+    ] = None,
     results: Annotated[
         Path | None, typer.Option(help="Write the results (JSON) to this file.")
     ] = None,
@@ -434,6 +449,19 @@ def run(
     try:
         loaded = load_model(model)
         brokers = parse_brokers(broker)
+        tls = None
+        if tls_ca or tls_cert or tls_key or tls_insecure or tls_server_name:
+            tls = TLSSettings(
+                ca_file=tls_ca,
+                cert_file=tls_cert,
+                key_file=tls_key,
+                insecure=tls_insecure,
+                server_hostname=tls_server_name,
+            )
+            if not any(b.tls for b in brokers):
+                raise RunConfigError("TLS options need an mqtts:// broker address")
+            if not tls.per_device:
+                TLSContextCache(tls)  # load the files now: errors before anything connects
     except ModelError as exc:
         _print_model_error(err, exc)
         raise typer.Exit(EXIT_INVALID) from None
@@ -456,6 +484,7 @@ def run(
         username=username,
         password=password,
         source_addresses=tuple(a.strip() for a in (source_addresses or "").split(",") if a.strip()),
+        tls=tls,
     )
     worker_count = workers or default_workers(devices)
     console = Console(highlight=False, soft_wrap=True)

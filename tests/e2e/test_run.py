@@ -129,3 +129,16 @@ def test_run_with_a_broker_address_that_does_not_parse_exits_2(run_cli: RunCLI) 
     done = run_cli("run", THERMOSTAT, "--broker", "http://example:1883")
     assert done.returncode == 2
     assert "mqtt://" in done.stderr
+
+
+def test_run_with_tls_options_but_a_plain_broker_exits_2(run_cli: RunCLI) -> None:
+    done = run_cli("run", THERMOSTAT, "--broker", "mqtt://127.0.0.1:1", "--tls-insecure")
+    assert done.returncode == 2
+    assert "mqtts://" in done.stderr
+
+
+def test_run_with_a_missing_ca_file_exits_2_naming_it(run_cli: RunCLI, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere-ca.pem"
+    done = run_cli("run", THERMOSTAT, "--broker", "mqtts://127.0.0.1:1", "--tls-ca", str(missing))
+    assert done.returncode == 2
+    assert "nowhere-ca.pem" in done.stderr

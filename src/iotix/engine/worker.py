@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from iotix.adapters.mqtt import MQTTConnectError, MQTTConnection, open_connection
+from iotix.adapters.tls import TLSConfigError, TLSContextCache, TLSSettings
 from iotix.errors import IotixError
 from iotix.metrics import Counters, Histogram, Snapshot
 from iotix.model.runtime import DeviceBatch
@@ -110,6 +111,8 @@ class RunSettings:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
     snapshot_interval_s: float = 1.0
+    tls: TLSSettings | None = None
+    """TLS for ``mqtts://`` endpoints (default: verify against the system store)."""
 
 
 @dataclass
@@ -186,6 +189,8 @@ class Worker:
         ]
         commands = model.spec.commands
         self._commands = None if commands is None else _command_pattern(commands.topic)
+        uses_tls = any(endpoint.tls for endpoint in settings.brokers)
+        self._tls = TLSContextCache(settings.tls or TLSSettings()) if uses_tls else None
 
     # --- the run --------------------------------------------------------------------
 
@@ -324,6 +329,9 @@ class Worker:
             counters.connect_attempts += 1
             started = self.clock.now_s()
             try:
+                context = None
+                if endpoint.tls and self._tls is not None:
+                    context = self._tls.context_for(self.batch.device_ids[device.row], index)
                 connection = await open_connection(
                     endpoint.host,
                     endpoint.port,
@@ -331,7 +339,13 @@ class Worker:
                     on_event=lambda event: self._on_event(device, event),
                     local_address=source,
                     session=device.session,
+                    ssl_context=context,
+                    server_hostname=settings.tls.server_hostname if settings.tls else None,
                 )
+            except TLSConfigError as exc:
+                # A device's own certificate is missing or broken: retrying will not help.
+                counters.count_connect_failure(f"TLS setup: {exc.field}")
+                return
             except MQTTConnectError as exc:
                 reason = (
                     reason_name(exc.reason_code) if exc.reason_code is not None else "unreachable"
