@@ -436,6 +436,16 @@ def run(
     tls_server_name: Annotated[
         str | None, typer.Option(help="Name to verify the broker's certificate against.")
     ] = None,
+    probe: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0001,
+            max=1.0,
+            help="Subscribe a probe that checks delivery (loss, duplicates, end-to-end "
+            "latency) for this fraction of the devices, e.g. 1 or 0.1. JSON payloads with "
+            "device_id, seq and ts_ms (the default payload) only.",
+        ),
+    ] = None,
     results: Annotated[
         Path | None, typer.Option(help="Write the results (JSON) to this file.")
     ] = None,
@@ -504,10 +514,22 @@ def run(
             live.update(_live_table(snapshot, row, devices))
 
         outcome = run_fleet(
-            [FleetPlan(model, devices)], settings, workers=worker_count, on_snapshot=show
+            [FleetPlan(model, devices)],
+            settings,
+            workers=worker_count,
+            on_snapshot=show,
+            probe_sample=probe,
         )
     summary = summarise(outcome.snapshot)
     _print_summary(console, summary, outcome.worker_errors)
+    if outcome.probe is not None:
+        delivered = outcome.probe
+        console.print(
+            f"  probe: {delivered['unique']:,} of {delivered['expected']:,} expected messages "
+            f"received, {delivered['lost']:,} lost, {delivered['duplicates']:,} duplicates, "
+            f"{delivered['reordered']:,} reordered"
+            + (f", {delivered['unparseable']:,} without seq" if delivered["unparseable"] else "")
+        )
     if results is not None:
         document = results_document(
             model_name=loaded.spec.name,

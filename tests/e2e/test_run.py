@@ -60,6 +60,8 @@ def test_run_connects_every_device_and_accounts_for_every_message(
             "12",
             "--seed",
             "3",
+            "--probe",
+            "1",
         )
     finally:
         probe.loop_stop()
@@ -76,6 +78,11 @@ def test_run_connects_every_device_and_accounts_for_every_message(
     assert document["settings"]["brokers"] == [broker.url]
     assert "password" not in document["settings"]
     assert summary["latency_s"]["ack_latency"]["count"] == summary["messages_acked"]
+    # iotix's own probe agrees with paho: everything sent arrived, once.
+    probe = document["probe"]
+    assert probe["unique"] == summary["messages_sent"]
+    assert (probe["lost"], probe["duplicates"]) == (0, 0)
+    assert summary["latency_s"]["e2e_latency"]["count"] == probe["unique"]
 
 
 def test_run_spreads_a_fleet_over_several_workers(

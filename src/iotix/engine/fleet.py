@@ -17,6 +17,7 @@ import os
 import queue
 import resource
 import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from iotix.clock import WallClock
-from iotix.engine.worker import RunSettings, Worker
+from iotix.engine.probe import Probe
+from iotix.engine.worker import BrokerEndpoint, RunSettings, Worker
 from iotix.errors import IotixError
 from iotix.metrics import Snapshot
 from iotix.model.loader import load_model
@@ -85,6 +87,40 @@ class FleetResult:
     snapshot: Snapshot
     worker_errors: list[str] = field(default_factory=list)
     interrupted: bool = False
+    probe: dict[str, Any] | None = None
+    """The probe subscriber's delivery summary (loss, duplicates, e2e latency)."""
+
+
+class ProbeThread:
+    """The probe subscriber on a thread of its own, beside the supervisor's loop: it
+    must be subscribed before the devices send, and read until they are done."""
+
+    def __init__(self, endpoint: BrokerEndpoint, sample: float) -> None:
+        self.probe = Probe(endpoint.host, endpoint.port, sample=sample, client_id="iotix-probe")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="iotix-probe")
+
+    def start(self) -> None:
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.probe.start(), self._loop).result(timeout=15)
+        except Exception:
+            self._shutdown()
+            raise
+
+    def stop(self) -> dict[str, Any]:
+        try:
+            summary = asyncio.run_coroutine_threadsafe(self.probe.stop(), self._loop).result(
+                timeout=15
+            )
+        finally:
+            self._shutdown()
+        return summary
+
+    def _shutdown(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
 
 
 @dataclass(frozen=True)
@@ -169,8 +205,32 @@ def run_fleet(
     *,
     workers: int,
     on_snapshot: Callable[[Snapshot], None] | None = None,
+    probe_sample: float | None = None,
 ) -> FleetResult:
-    """Run the fleets in about ``workers`` processes until the duration ends or Ctrl-C."""
+    """Run the fleets in about ``workers`` processes until the duration ends or Ctrl-C.
+    With ``probe_sample``, a probe subscriber on the first broker checks delivery for
+    that fraction of the devices."""
+    probe = None
+    if probe_sample is not None:
+        probe = ProbeThread(settings.brokers[0], probe_sample)
+        probe.start()
+    try:
+        result = _run_workers(fleets, settings, workers=workers, on_snapshot=on_snapshot)
+    finally:
+        summary = probe.stop() if probe is not None else None
+    if probe is not None:
+        result.probe = summary
+        result.snapshot.e2e_latency = probe.probe.tracker.e2e_latency
+    return result
+
+
+def _run_workers(
+    fleets: Sequence[FleetPlan],
+    settings: RunSettings,
+    *,
+    workers: int,
+    on_snapshot: Callable[[Snapshot], None] | None,
+) -> FleetResult:
     context = multiprocessing.get_context("spawn")
     snapshots: multiprocessing.Queue[dict[str, Any]] = context.Queue()
     stop = context.Event()

@@ -76,6 +76,7 @@ def results_document(
         "settings": {**run_settings, "workers": workers},
         "interrupted": result.interrupted,
         "worker_errors": result.worker_errors,
+        "probe": result.probe,
         "summary": summarise(result.snapshot),
         "final": result.snapshot.to_dict(),
         "time_series": [row.to_dict() for row in series.rows],
