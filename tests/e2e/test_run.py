@@ -149,3 +149,12 @@ def test_run_with_a_missing_ca_file_exits_2_naming_it(run_cli: RunCLI, tmp_path:
     done = run_cli("run", THERMOSTAT, "--broker", "mqtts://127.0.0.1:1", "--tls-ca", str(missing))
     assert done.returncode == 2
     assert "nowhere-ca.pem" in done.stderr
+
+
+def test_demo_runs_a_mixed_fleet_on_its_embedded_broker(run_cli: RunCLI) -> None:
+    done = run_cli("demo", "--devices", "40", "--duration", "6")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "40 connects, 0 connect failures" in done.stdout
+    assert "counters reconcile: yes" in done.stdout
+    assert "0 lost, 0 duplicates" in done.stdout
+    assert "Try next" in done.stdout

