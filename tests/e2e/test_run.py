@@ -158,3 +158,101 @@ def test_demo_runs_a_mixed_fleet_on_its_embedded_broker(run_cli: RunCLI) -> None
     assert "counters reconcile: yes" in done.stdout
     assert "0 lost, 0 duplicates" in done.stdout
     assert "Try next" in done.stdout
+
+
+def test_ctrl_c_stops_the_run_gracefully_with_its_figures(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    import os  # noqa: PLC0415 - only this test sends signals
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    first: queue.Queue[bytes] = queue.Queue()
+    watcher = paho.Client(CallbackAPIVersion.VERSION2)
+    watcher.on_message = lambda _c, _u, message: first.put(message.payload)
+    watcher.connect(broker.host, broker.port)
+    watcher.loop_start()
+    watcher.subscribe("buildings/#", qos=0)
+    results = tmp_path / "results.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "COLUMNS")}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "iotix",
+            "run",
+            THERMOSTAT,
+            "--broker",
+            broker.url,
+            "--devices",
+            "20",
+            "--duration",
+            "0",
+            "--results",
+            str(results),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        first.get(timeout=30)  # devices are connected and sending
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output.decode()
+    document = json.loads(results.read_text(encoding="utf-8"))
+    assert document["interrupted"] is True
+    assert document["summary"]["connects"] == 20
+    assert document["summary"]["counters_reconcile"] is True
+    assert b"Traceback" not in output
+
+
+def test_a_worker_that_dies_is_reported_and_the_run_fails(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    import os  # noqa: PLC0415 - only these tests manage processes
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    import psutil  # noqa: PLC0415 - comes with amqtt; finds the worker processes
+
+    first: queue.Queue[bytes] = queue.Queue()
+    watcher = paho.Client(CallbackAPIVersion.VERSION2)
+    watcher.on_message = lambda _c, _u, message: first.put(message.payload)
+    watcher.connect(broker.host, broker.port)
+    watcher.loop_start()
+    watcher.subscribe("buildings/#", qos=0)
+    results = tmp_path / "results.json"
+    command = [sys.executable, "-m", "iotix", "run", THERMOSTAT, "--broker", broker.url]
+    command += ["--devices", "20", "--workers", "2", "--duration", "10"]
+    process = subprocess.Popen(
+        [*command, "--results", str(results)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
+    )
+    try:
+        first.get(timeout=30)  # the workers are up and sending
+        workers = [
+            child
+            for child in psutil.Process(process.pid).children(recursive=True)
+            if "spawn_main" in " ".join(child.cmdline())
+        ]
+        assert len(workers) == 2
+        workers[0].kill()
+        output, _ = process.communicate(timeout=60)
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 3, output.decode()
+    document = json.loads(results.read_text(encoding="utf-8"))
+    assert any("died" in error for error in document["worker_errors"])
+    assert b"died" in output

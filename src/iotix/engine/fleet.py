@@ -14,14 +14,14 @@ import logging
 import math
 import multiprocessing
 import os
-import queue
 import resource
 import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from multiprocessing.connection import wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import uvloop
 
@@ -34,7 +34,7 @@ from iotix.model.loader import load_model
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from multiprocessing.synchronize import Event as ProcessEvent
+    from multiprocessing.connection import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -133,46 +133,44 @@ class _Job:
     worker_id: int
 
 
-def _worker_main(
-    job: _Job,
-    snapshots: multiprocessing.Queue[dict[str, Any]],
-    stop: ProcessEvent,
-) -> None:
-    """A worker process: run one shard, sending snapshots to the supervisor."""
-    model_path, shard, settings, worker_id = job.model_path, job.shard, job.settings, job.worker_id
+def _worker_main(job: _Job, snapshots: Connection, control: Connection) -> None:
+    """A worker process: run one shard, sending snapshots to the supervisor.
+
+    Each worker has pipes of its own (snapshots out, a stop word in): a worker that is
+    killed mid-write breaks only its own pipe, never a lock the others share.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     _raise_open_file_limit()
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    model = load_model(model_path)
+    model = load_model(job.model_path)
 
     async def main() -> None:
         stop_event = asyncio.Event()
         loop = asyncio.get_running_loop()
-
-        done = False
+        done = threading.Event()
 
         def relay() -> None:
-            # The stop flag is shared by every worker: wait for it without ever setting
-            # it, and give up once this worker is done.
-            while not done:
-                if stop.wait(0.2):
+            while not done.is_set():
+                if control.poll(0.2):
+                    with contextlib.suppress(EOFError, OSError):
+                        control.recv()
                     loop.call_soon_threadsafe(stop_event.set)
                     return
 
         waiter = loop.run_in_executor(None, relay)
         worker = Worker(
             model,
-            shard,
-            settings,
+            job.shard,
+            job.settings,
             WallClock(),
-            worker_id=worker_id,
-            on_snapshot=lambda snapshot: snapshots.put(
+            worker_id=job.worker_id,
+            on_snapshot=lambda snapshot: snapshots.send(
                 {"final": False, "snapshot": snapshot.to_dict()}
             ),
         )
         final = await worker.run(stop_event)
-        snapshots.put({"final": True, "snapshot": final.to_dict()})
-        done = True
+        snapshots.send({"final": True, "snapshot": final.to_dict()})
+        done.set()
         await waiter
 
     asyncio.run(main())
@@ -224,6 +222,81 @@ def run_fleet(
     return result
 
 
+class _Supervisor:
+    """The worker processes of one run, their pipes, and what they reported."""
+
+    def __init__(self, jobs: list[_Job], on_snapshot: Callable[[Snapshot], None] | None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.jobs = jobs
+        self.on_snapshot = on_snapshot
+        self.readers: dict[Connection, int] = {}
+        self.controls: list[Connection] = []
+        self.processes: list[Any] = []
+        self.latest: dict[int, Snapshot] = {}
+        self.errors: list[str] = []
+        for job in jobs:
+            snapshot_out, snapshot_in = context.Pipe(duplex=False)
+            control_out, control_in = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_worker_main,
+                args=(job, snapshot_in, control_out),
+                name=f"iotix-worker-{job.worker_id}",
+                daemon=True,
+            )
+            process.start()
+            # The child's ends, closed here: a child that dies reads as EOF.
+            snapshot_in.close()
+            control_out.close()
+            self.readers[snapshot_out] = job.worker_id
+            self.controls.append(control_in)
+            self.processes.append(process)
+
+    def collect(self, timeout_s: float) -> None:
+        """Take in what the workers sent within ``timeout_s``; notice the dead."""
+        for ready in wait(list(self.readers), timeout=timeout_s):
+            reader = cast("Connection", ready)
+            number = self.readers[reader]
+            try:
+                item = reader.recv()
+            except (EOFError, OSError):
+                del self.readers[reader]
+                self._died(number)
+                continue
+            snapshot = Snapshot.from_dict(item["snapshot"])
+            self.latest[snapshot.worker] = snapshot
+            if item["final"]:
+                del self.readers[reader]
+            if self.on_snapshot is not None:
+                self.on_snapshot(Snapshot.merge(list(self.latest.values())))
+
+    def _died(self, number: int) -> None:
+        process = self.processes[number]
+        process.join(timeout=5)
+        job = self.jobs[number]
+        self.errors.append(
+            f"worker {number} died (exit code {process.exitcode}) without its final "
+            f"snapshot; its devices {job.shard.start}-{job.shard.stop - 1} of "
+            f"{Path(job.model_path).name} are counted up to its last snapshot"
+        )
+
+    def stop_all(self) -> None:
+        for control in self.controls:
+            with contextlib.suppress(OSError):
+                control.send("stop")
+
+    def close(self) -> None:
+        self.stop_all()
+        for process in self.processes:
+            process.join(timeout=15)
+            if process.is_alive():
+                process.kill()
+
+    def merged(self) -> Snapshot:
+        if not self.latest:
+            return Snapshot(worker=-1, at_s=0.0)
+        return Snapshot.merge(list(self.latest.values()))
+
+
 def _run_workers(
     fleets: Sequence[FleetPlan],
     settings: RunSettings,
@@ -231,87 +304,19 @@ def _run_workers(
     workers: int,
     on_snapshot: Callable[[Snapshot], None] | None,
 ) -> FleetResult:
-    context = multiprocessing.get_context("spawn")
-    snapshots: multiprocessing.Queue[dict[str, Any]] = context.Queue()
-    stop = context.Event()
-    jobs = plan_jobs(fleets, settings, workers)
-    processes = [
-        context.Process(
-            target=_worker_main,
-            args=(job, snapshots, stop),
-            name=f"iotix-worker-{job.worker_id}",
-            daemon=True,
-        )
-        for job in jobs
-    ]
-    for process in processes:
-        process.start()
-    latest: dict[int, Snapshot] = {}
-    finished: set[int] = set()
-    errors: list[str] = []
+    supervisor = _Supervisor(plan_jobs(fleets, settings, workers), on_snapshot)
     interrupted = False
-    deadline = None
     try:
-        while len(finished) < len(processes):
-            try:
-                item = snapshots.get(timeout=0.5)
-            except queue.Empty:
-                item = None
-            if item is not None:
-                snapshot = Snapshot.from_dict(item["snapshot"])
-                latest[snapshot.worker] = snapshot
-                if item["final"]:
-                    finished.add(snapshot.worker)
-                if on_snapshot is not None and latest:
-                    on_snapshot(Snapshot.merge(list(latest.values())))
-            for number, process in enumerate(processes):
-                if number in finished or process.is_alive():
-                    continue
-                # Give a snapshot still in the pipe a moment to arrive before judging.
-                if deadline is None:
-                    deadline = time.monotonic() + 2.0
-                elif time.monotonic() > deadline:
-                    shard = jobs[number].shard
-                    errors.append(
-                        f"worker {number} died (exit code {process.exitcode}) without its "
-                        f"final snapshot; its devices {shard.start}-{shard.stop - 1} of "
-                        f"{Path(jobs[number].model_path).name} are counted up to its last "
-                        "snapshot"
-                    )
-                    finished.add(number)
+        while supervisor.readers:
+            supervisor.collect(0.5)
     except KeyboardInterrupt:
+        # Ctrl-C: every worker DISCONNECTs its devices and sends its final snapshot.
         interrupted = True
-        stop.set()
-        return _drain(processes, snapshots, latest, finished, errors, interrupted=True)
+        supervisor.stop_all()
+        deadline = time.monotonic() + 30.0
+        while supervisor.readers and time.monotonic() < deadline:
+            with contextlib.suppress(KeyboardInterrupt):
+                supervisor.collect(0.5)
     finally:
-        stop.set()
-        for process in processes:
-            process.join(timeout=15)
-            if process.is_alive():
-                process.kill()
-    merged = Snapshot.merge(list(latest.values())) if latest else Snapshot(worker=-1, at_s=0.0)
-    return FleetResult(merged, errors, interrupted)
-
-
-def _drain(
-    processes: list[Any],
-    snapshots: multiprocessing.Queue[dict[str, Any]],
-    latest: dict[int, Snapshot],
-    finished: set[int],
-    errors: list[str],
-    *,
-    interrupted: bool,
-) -> FleetResult:
-    """After Ctrl-C: collect the workers' final snapshots while they disconnect."""
-    deadline = time.monotonic() + 20.0
-    while len(finished) < len(processes) and time.monotonic() < deadline:
-        try:
-            item = snapshots.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        snapshot = Snapshot.from_dict(item["snapshot"])
-        latest[snapshot.worker] = snapshot
-        if item["final"]:
-            finished.add(snapshot.worker)
-    merged = Snapshot.merge(list(latest.values())) if latest else Snapshot(worker=-1, at_s=0.0)
-    return FleetResult(merged, errors, interrupted)
+        supervisor.close()
+    return FleetResult(supervisor.merged(), supervisor.errors, interrupted)
