@@ -31,6 +31,20 @@ def broker() -> Iterator[MosquittoBroker]:
         yield running
 
 
+@pytest.fixture
+def telemetry(broker: MosquittoBroker) -> Iterator[queue.Queue[bytes]]:
+    """Thermostat telemetry as it reaches the broker: the sign a fleet is up."""
+    received: queue.Queue[bytes] = queue.Queue()
+    watcher = paho.Client(CallbackAPIVersion.VERSION2)
+    watcher.on_message = lambda _c, _u, message: received.put(message.payload)
+    watcher.connect(broker.host, broker.port)
+    watcher.loop_start()
+    watcher.subscribe("buildings/#", qos=0)
+    yield received
+    watcher.loop_stop()
+    watcher.disconnect()
+
+
 def run_json(run_cli: RunCLI, tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     results = tmp_path / "results.json"
     done = run_cli("run", *args, "--results", str(results))
@@ -161,19 +175,13 @@ def test_demo_runs_a_mixed_fleet_on_its_embedded_broker(run_cli: RunCLI) -> None
 
 
 def test_ctrl_c_stops_the_run_gracefully_with_its_figures(
-    tmp_path: Path, broker: MosquittoBroker
+    tmp_path: Path, broker: MosquittoBroker, telemetry: queue.Queue[bytes]
 ) -> None:
     import os  # noqa: PLC0415 - only this test sends signals
     import signal  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
-    first: queue.Queue[bytes] = queue.Queue()
-    watcher = paho.Client(CallbackAPIVersion.VERSION2)
-    watcher.on_message = lambda _c, _u, message: first.put(message.payload)
-    watcher.connect(broker.host, broker.port)
-    watcher.loop_start()
-    watcher.subscribe("buildings/#", qos=0)
     results = tmp_path / "results.json"
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "COLUMNS")}
     process = subprocess.Popen(
@@ -197,12 +205,10 @@ def test_ctrl_c_stops_the_run_gracefully_with_its_figures(
         env=env,
     )
     try:
-        first.get(timeout=30)  # devices are connected and sending
+        telemetry.get(timeout=30)  # devices are connected and sending
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
     finally:
-        watcher.loop_stop()
-        watcher.disconnect()
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, output.decode()
@@ -214,7 +220,7 @@ def test_ctrl_c_stops_the_run_gracefully_with_its_figures(
 
 
 def test_a_worker_that_dies_is_reported_and_the_run_fails(
-    tmp_path: Path, broker: MosquittoBroker
+    tmp_path: Path, broker: MosquittoBroker, telemetry: queue.Queue[bytes]
 ) -> None:
     import os  # noqa: PLC0415 - only these tests manage processes
     import subprocess  # noqa: PLC0415
@@ -222,12 +228,6 @@ def test_a_worker_that_dies_is_reported_and_the_run_fails(
 
     import psutil  # noqa: PLC0415 - comes with amqtt; finds the worker processes
 
-    first: queue.Queue[bytes] = queue.Queue()
-    watcher = paho.Client(CallbackAPIVersion.VERSION2)
-    watcher.on_message = lambda _c, _u, message: first.put(message.payload)
-    watcher.connect(broker.host, broker.port)
-    watcher.loop_start()
-    watcher.subscribe("buildings/#", qos=0)
     results = tmp_path / "results.json"
     command = [sys.executable, "-m", "iotix", "run", THERMOSTAT, "--broker", broker.url]
     command += ["--devices", "20", "--workers", "2", "--duration", "10"]
@@ -238,7 +238,7 @@ def test_a_worker_that_dies_is_reported_and_the_run_fails(
         env=dict(os.environ),
     )
     try:
-        first.get(timeout=30)  # the workers are up and sending
+        telemetry.get(timeout=30)  # the workers are up and sending
         workers = [
             child
             for child in psutil.Process(process.pid).children(recursive=True)
@@ -248,8 +248,6 @@ def test_a_worker_that_dies_is_reported_and_the_run_fails(
         workers[0].kill()
         output, _ = process.communicate(timeout=60)
     finally:
-        watcher.loop_stop()
-        watcher.disconnect()
         if process.poll() is None:
             process.kill()
     assert process.returncode == 3, output.decode()

@@ -11,15 +11,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import queue
 import socket
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho_helper import PahoClient
 
 from iotix.adapters.mqtt import open_connection
 from iotix.protocols.mqtt.session import SessionSettings
@@ -28,8 +25,6 @@ from iotix.testing.embedded import EmbeddedBroker, EmbeddedBrokerError
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from paho.mqtt.properties import Properties
-    from paho.mqtt.reasoncodes import ReasonCode
 
 TIMEOUT_S = 10.0
 CONNECTIONS = 200
@@ -37,61 +32,10 @@ CONNECTIONS = 200
 _client_numbers = itertools.count()
 
 
-class PahoClient:
-    """A connected paho client on its own network thread, with events to wait on."""
-
-    def __init__(self) -> None:
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"iotix-embedded-test-{os.getpid()}-{next(_client_numbers)}",
-            protocol=MQTTProtocolVersion.MQTTv311,
-            reconnect_on_failure=False,
-        )
-        self.connack = threading.Event()
-        self.connack_reason: ReasonCode | None = None
-        self.disconnected = threading.Event()
-        self.subscribed = threading.Event()
-        self.granted: list[ReasonCode] = []
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-
-    def _on_connect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Properties | None
-    ) -> None:
-        self.connack_reason = reason
-        self.connack.set()
-
-    def _on_disconnect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, _r: ReasonCode, _p: Properties | None
-    ) -> None:
-        self.disconnected.set()
-
-    def _on_subscribe(
-        self, _c: mqtt.Client, _u: Any, _m: int, granted: list[ReasonCode], _p: Any
-    ) -> None:
-        self.granted = granted
-        self.subscribed.set()
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        self.messages.put(message)
-
-    def subscribe(self, topic: str, qos: int) -> None:
-        """Subscribe and wait for the SUBACK, which must grant the QoS asked for."""
-        self.client.subscribe(topic, qos)
-        assert self.subscribed.wait(TIMEOUT_S), "no SUBACK"
-        assert [code.value for code in self.granted] == [qos]
-
-    def receive(self) -> mqtt.MQTTMessage:
-        return self.messages.get(timeout=TIMEOUT_S)
-
-
 @contextlib.contextmanager
 def paho_client(broker: EmbeddedBroker) -> Iterator[PahoClient]:
     """A client the broker accepted; disconnected afterwards."""
-    paho = PahoClient()
+    paho = PahoClient(protocol=MQTTProtocolVersion.MQTTv311)
     paho.client.connect(broker.host, broker.port, keepalive=30)
     paho.client.loop_start()
     try:
@@ -219,7 +163,7 @@ def test_two_brokers_at_once_get_different_ports() -> None:
 def test_stop_disconnects_clients_and_frees_the_port() -> None:
     embedded = EmbeddedBroker().start()
     try:
-        paho = PahoClient()
+        paho = PahoClient(protocol=MQTTProtocolVersion.MQTTv311)
         paho.client.connect(embedded.host, embedded.port, keepalive=30)
         paho.client.loop_start()
         assert paho.connack.wait(TIMEOUT_S), "no CONNACK"

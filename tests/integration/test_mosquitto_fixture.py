@@ -10,93 +10,26 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import queue
 import resource
 import shutil
 import socket
 import ssl
 import subprocess
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho_helper import TIMEOUT_S, PahoClient
 
 from iotix.testing import MosquittoBroker, MosquittoError, TLSListenerSpec
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from paho.mqtt.properties import Properties
-    from paho.mqtt.reasoncodes import ReasonCode
 
-TIMEOUT_S = 10.0
 NOT_AUTHORIZED = 0x87  # MQTT 5 CONNACK reason code; paho maps 3.1.1's code 5 to it too
 
 _client_numbers = itertools.count()
-
-
-class PahoClient:
-    """A paho client on its own network thread, with events for what tests wait on."""
-
-    def __init__(
-        self,
-        *,
-        username: str | None = None,
-        password: str | None = None,
-        transport: Literal["tcp", "websockets"] = "tcp",
-    ) -> None:
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"iotix-test-{os.getpid()}-{next(_client_numbers)}",
-            protocol=MQTTProtocolVersion.MQTTv5,
-            transport=transport,
-            # The test decides when to connect again (paho would retry after a second).
-            reconnect_on_failure=False,
-        )
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        self.connack = threading.Event()
-        self.connack_reason: ReasonCode | None = None
-        self.disconnected = threading.Event()
-        self.subscribed = threading.Event()
-        self.granted: list[ReasonCode] = []
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-
-    def _on_connect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Properties | None
-    ) -> None:
-        self.connack_reason = reason
-        self.connack.set()
-
-    def _on_disconnect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, _r: ReasonCode, _p: Properties | None
-    ) -> None:
-        self.disconnected.set()
-
-    def _on_subscribe(
-        self, _c: mqtt.Client, _u: Any, _m: int, granted: list[ReasonCode], _p: Any
-    ) -> None:
-        self.granted = granted
-        self.subscribed.set()
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        self.messages.put(message)
-
-    def subscribe(self, topic: str, qos: int) -> None:
-        """Subscribe and wait for the SUBACK, which must grant the QoS asked for."""
-        self.client.subscribe(topic, qos)
-        assert self.subscribed.wait(TIMEOUT_S), "no SUBACK"
-        assert [code.value for code in self.granted] == [qos]
-
-    def receive(self) -> mqtt.MQTTMessage:
-        return self.messages.get(timeout=TIMEOUT_S)
 
 
 @contextlib.contextmanager

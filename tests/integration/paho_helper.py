@@ -1,0 +1,83 @@
+"""paho-mqtt wrapped for the integration tests: the independent client on the other
+side of a broker, on its own network thread, with events to wait on (never sleeps)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from typing import TYPE_CHECKING, Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+if TYPE_CHECKING:
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+
+TIMEOUT_S = 10.0
+
+_client_numbers = itertools.count()
+
+
+class PahoClient:
+    """A paho client on its own network thread, with events for what tests wait on."""
+
+    def __init__(
+        self,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        transport: Literal["tcp", "websockets"] = "tcp",
+        protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
+    ) -> None:
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"iotix-test-{os.getpid()}-{next(_client_numbers)}",
+            protocol=protocol,
+            transport=transport,
+            # The test decides when to connect again (paho would retry after a second).
+            reconnect_on_failure=False,
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.connack = threading.Event()
+        self.connack_reason: ReasonCode | None = None
+        self.disconnected = threading.Event()
+        self.subscribed = threading.Event()
+        self.granted: list[ReasonCode] = []
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+
+    def _on_connect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Properties | None
+    ) -> None:
+        self.connack_reason = reason
+        self.connack.set()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, _r: ReasonCode, _p: Properties | None
+    ) -> None:
+        self.disconnected.set()
+
+    def _on_subscribe(
+        self, _c: mqtt.Client, _u: Any, _m: int, granted: list[ReasonCode], _p: Any
+    ) -> None:
+        self.granted = granted
+        self.subscribed.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        self.messages.put(message)
+
+    def subscribe(self, topic: str, qos: int) -> None:
+        """Subscribe and wait for the SUBACK, which must grant the QoS asked for."""
+        self.client.subscribe(topic, qos)
+        assert self.subscribed.wait(TIMEOUT_S), "no SUBACK"
+        assert [code.value for code in self.granted] == [qos]
+
+    def receive(self) -> mqtt.MQTTMessage:
+        return self.messages.get(timeout=TIMEOUT_S)
