@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from iotix import __version__
@@ -325,6 +326,10 @@ def _live_table(snapshot: Snapshot, row: TimeSeriesRow | None, devices: int) -> 
     table.add_column(style="dim")
     table.add_column()
     table.add_row("devices connected", f"{snapshot.devices_connected:,} / {devices:,}")
+    if snapshot.devices_connected < devices:  # ramping up (or reconnecting): show how far
+        table.add_row(
+            "", ProgressBar(total=devices, completed=snapshot.devices_connected, width=30)
+        )
     table.add_row(
         "connects / failures",
         f"{counters.connects:,} / {counters.connect_failures:,}"
