@@ -111,6 +111,9 @@ class RunSettings:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
     snapshot_interval_s: float = 1.0
+    tick_s: float = 0.02
+    """Shortest sleep between send rounds: messages due within one tick go out
+    together (one sampling round, one write per connection). Schedule lag shows it."""
     tls: TLSSettings | None = None
     """TLS for ``mqtts://`` endpoints (default: verify against the system store)."""
 
@@ -212,7 +215,9 @@ class Worker:
                 if deadline is not None and now >= deadline:
                     break
                 self._send(self.batch.advance(now))
-                wake = min(self.batch.next_due_s(), now + 0.25)
+                # At least one tick between rounds: a round per distinct due time would
+                # cost a numpy round and a write per message at ordinary rates.
+                wake = max(min(self.batch.next_due_s(), now + 0.25), now + settings.tick_s)
                 if deadline is not None:
                     wake = min(wake, deadline)
                 # Sleep until the next due message, unless a command queued a reply or
