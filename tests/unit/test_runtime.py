@@ -695,3 +695,13 @@ def test_reply_payload_may_read_the_message_name() -> None:
     device = batch(model({"x": {"kind": "constant", "value": 1}}, commands=commands))
     device.handle_command(0, "go", {}, 1.0)
     assert json.loads(device.advance(1.0)[0].payload) == {"m": "go"}
+
+
+def test_paused_devices_neither_send_nor_use_up_sequence_numbers() -> None:
+    device = batch(model({"x": {"kind": "counter"}}), 2)
+    device.paused[1] = True
+    first = device.advance(2)
+    device.paused[1] = False
+    later = device.advance(4)
+    assert {m.device_index for m in first} == {0}
+    assert [m.seq for m in later if m.device_index == 1] == [0, 1]

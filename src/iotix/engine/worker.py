@@ -173,6 +173,8 @@ class Worker:
             base_dir=model.base_dir,
         )
         self.first_index = int(self.batch.indices[0]) if self.batch.size else 0
+        # A device sends only while connected: messages due before are not made at all.
+        self.batch.paused[:] = True
         self.devices = [_Device(row) for row in range(self.batch.size)]
         self.counters = Counters()
         self.connect_latency = Histogram()
@@ -365,6 +367,7 @@ class Worker:
         device.attempts = 0
         device.connection = connection
         device.session = connection.session
+        self.batch.paused[device.row] = False
         self.connected += 1
         if self._on_connected is not None:
             self._on_connected(device.row, self.clock.now_s())
@@ -374,6 +377,7 @@ class Worker:
             await connection.subscribe([Subscription(topic_filter, qos=1)])
         await connection.wait_closed()
         self.connected -= 1
+        self.batch.paused[device.row] = True
         device.connection = None
         if settings.clean_start:
             self._fail_unacked(device)  # a clean session will not send them again

@@ -180,6 +180,9 @@ class DeviceBatch:
             self.state = np.full(self.size, self._state_code[machine.initial], dtype=np.int16)
         self.entered_s = np.zeros(self.size)
         self.offline_until_s = np.full(self.size, -np.inf)
+        # Devices the caller holds back (an engine's devices not connected yet): they
+        # neither sample nor send, so their sequence numbers have no gaps.
+        self.paused = np.zeros(self.size, dtype=bool)
         self._last: dict[str, npt.NDArray[Any]] = {}
         self._sampled = np.zeros(self.size, dtype=bool)
 
@@ -415,7 +418,7 @@ class DeviceBatch:
         order = np.lexsort((all_due, all_rows))
         due_devices, first = np.unique(all_rows[order], return_index=True)
         sample_t = all_due[order][first]
-        online = self.offline_until_s[due_devices] <= sample_t
+        online = (self.offline_until_s[due_devices] <= sample_t) & ~self.paused[due_devices]
         rows, t = due_devices[online], sample_t[online]
         env = _Env(self, rows, t)
         if len(rows):

@@ -20,7 +20,7 @@ Facts worth knowing:
   public way to read back a port it chose itself). Another process can take the port in
   between; the start is then retried on a new port.
 - amqtt and its state-machine library ``transitions`` log every connection and state
-  change at INFO. While a broker runs, those loggers are set to WARNING unless someone
+  change at INFO. While a broker runs, those loggers are set to ERROR unless someone
   configured their level explicitly; :meth:`EmbeddedBroker.stop` restores them. Two
   brokers with overlapping lifetimes share those loggers: the first one stopped makes
   them verbose again.
@@ -286,7 +286,7 @@ class EmbeddedBroker:
             logger = logging.getLogger(name)
             if logger.level == logging.NOTSET:  # an explicit level is someone's choice
                 self._saved_levels[name] = logger.level
-                logger.setLevel(logging.WARNING)
+                logger.setLevel(logging.ERROR)
 
     def _restore_loggers(self) -> None:
         for name, level in self._saved_levels.items():
