@@ -218,10 +218,10 @@ def unset_broker_loggers() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("unset_broker_loggers")
-def test_amqtt_logs_only_warnings_while_running_and_its_levels_are_restored() -> None:
+def test_amqtt_logs_only_errors_while_running_and_its_levels_are_restored() -> None:
     with EmbeddedBroker():
-        assert logging.getLogger("amqtt").level == logging.WARNING
-        assert logging.getLogger("transitions").level == logging.WARNING
+        assert logging.getLogger("amqtt").level == logging.ERROR
+        assert logging.getLogger("transitions").level == logging.ERROR
     assert logging.getLogger("amqtt").level == logging.NOTSET
     assert logging.getLogger("transitions").level == logging.NOTSET
 
