@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import os
 import string
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,20 +112,24 @@ def at(param: Param, rows: Rows) -> Param:
     return param[rows] if isinstance(param, np.ndarray) else param
 
 
-class FieldGenerator:
-    """Base of the generators. Subclasses that a command may set override ``set``."""
+class FieldGenerator(ABC):
+    """Base of the generators. Settable ones (``settable = True``) also override
+    ``current`` and ``set``, which commands use."""
 
     settable = False
 
+    @abstractmethod
     def sample(self, rows: Rows, t: F64, env: Mapping[str, Any]) -> Any:
-        raise NotImplementedError
+        """The field's values for ``rows`` at their times ``t``."""
 
     def current(self, rows: Rows) -> Any:
         """The value a command sees for a settable field."""
-        raise NotImplementedError
+        del rows
+        raise TypeError(f"{type(self).__name__} is not settable")
 
     def set(self, rows: Rows, value: Any) -> None:
-        raise NotImplementedError
+        del rows, value
+        raise TypeError(f"{type(self).__name__} is not settable")
 
 
 class _Drawing(FieldGenerator):

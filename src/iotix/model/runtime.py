@@ -28,7 +28,13 @@ from iotix.model.generators import (
     dependencies,
     template_names,
 )
-from iotix.model.schedules import OnChangeSchedule, PoissonSchedule, Schedule, build_schedule
+from iotix.model.schedules import (
+    UNSCHEDULED,
+    OnChangeSchedule,
+    PoissonSchedule,
+    Schedule,
+    build_schedule,
+)
 from iotix.model.spec import (
     ChoiceSpec,
     DeviceModelSpec,
@@ -105,16 +111,16 @@ class _Outlet:
 
 @dataclass
 class _ConditionEvent:
+    """An event raised from samples (a condition or entering a state), not a schedule;
+    ``outlet`` says where and how it is sent."""
+
     name: str
     spec: EventSpec
     when: Expression | None
     clear_when: Expression | None
     on_enter: int | None
-    encoder: Encoder
-    topic: str
-    seq: npt.NDArray[np.int64]
+    outlet: _Outlet
     active: npt.NDArray[np.bool_]
-    topics: list[str | None]
 
 
 class _Env(Mapping[str, Any]):
@@ -204,7 +210,7 @@ class DeviceBatch:
         self._encoders: dict[tuple[MessageKind, str], Encoder] = {
             (o.kind, o.name): o.encoder for o in self._outlets
         }
-        self._encoders.update({(MessageKind.EVENT, e.name): e.encoder for e in self._events})
+        self._encoders.update({(MessageKind.EVENT, e.name): e.outlet.encoder for e in self._events})
         self._commands = self._build_commands()
         self._replies: list[tuple[float, int, Message]] = []
         self._reply_count = 0
@@ -337,11 +343,21 @@ class DeviceBatch:
                         None if event.clear_when is None else compile_expression(event.clear_when)
                     ),
                     on_enter=None if event.on_enter is None else self._state_code[event.on_enter],
-                    encoder=self._event_encoder(event.payload, tuple(event.fields or ())),
-                    topic=event.topic or DEFAULT_EVENT_TOPIC,
-                    seq=np.zeros(self.size, dtype=np.int64),
+                    outlet=_Outlet(
+                        name=name,
+                        kind=MessageKind.EVENT,
+                        schedule=UNSCHEDULED,
+                        encoder=self._event_encoder(event.payload, tuple(event.fields or ())),
+                        topic=event.topic or DEFAULT_EVENT_TOPIC,
+                        qos=event.qos,
+                        retain=False,
+                        states=None,
+                        seq=np.zeros(self.size, dtype=np.int64),
+                        topics=[None] * self.size,
+                        fields=tuple(event.fields or ()),
+                        severity=event.severity,
+                    ),
                     active=np.zeros(self.size, dtype=bool),
-                    topics=[None] * self.size,
                 )
             )
         return events
@@ -573,24 +589,10 @@ class DeviceBatch:
         active: bool,
         state: str | None = None,
     ) -> None:
-        outlet = _Outlet(
-            name=event.name,
-            kind=MessageKind.EVENT,
-            schedule=Schedule(),
-            encoder=event.encoder,
-            topic=event.topic,
-            qos=event.spec.qos,
-            retain=False,
-            states=None,
-            seq=event.seq,
-            topics=event.topics,
-            fields=tuple(event.spec.fields or ()),
-            severity=event.spec.severity,
-        )
         extra: dict[str, Any] = {"active": active}
         if state is not None:  # an on_enter event reports the state it entered
             extra["state"] = state
-        self._emit(outlet, env, positions, env.t[positions], out, extra=extra)
+        self._emit(event.outlet, env, positions, env.t[positions], out, extra=extra)
 
     def _emit(
         self,

@@ -7,6 +7,7 @@ schedule keeps its un-jittered base times and jitters each send around them.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -26,13 +27,27 @@ if TYPE_CHECKING:
     from iotix.model.streams import F64
 
 
-class Schedule:
+class Schedule(ABC):
     """Base: ``due`` holds each device's next due time; ``fire`` reschedules rows."""
 
     due: F64
 
+    @abstractmethod
     def fire(self, rows: Rows) -> None:
-        raise NotImplementedError
+        """Move the due time of ``rows``, which have just fired, to their next one."""
+
+
+class _Unscheduled(Schedule):
+    """For outlets that fire from samples (condition events), never from a clock."""
+
+    def __init__(self) -> None:
+        self.due = np.empty(0)
+
+    def fire(self, rows: Rows) -> None:
+        del rows  # nothing is ever due
+
+
+UNSCHEDULED = _Unscheduled()
 
 
 class IntervalSchedule(Schedule):
