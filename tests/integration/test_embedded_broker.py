@@ -11,12 +11,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
 from typing import TYPE_CHECKING
 
 import pytest
+from broker_helpers import PahoClient, port_is_free
 from paho.mqtt.enums import MQTTProtocolVersion
-from paho_helper import PahoClient
 
 from iotix.adapters.mqtt import open_connection
 from iotix.protocols.mqtt.session import SessionSettings
@@ -46,18 +45,6 @@ def paho_client(broker: EmbeddedBroker) -> Iterator[PahoClient]:
     finally:
         paho.client.disconnect()
         paho.client.loop_stop()
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a new server could listen on the port (with SO_REUSEADDR, as amqtt does)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            sock.listen()
-        except OSError:
-            return False
-    return True
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import pytest
-from paho_helper import TIMEOUT_S, PahoClient
+from broker_helpers import TIMEOUT_S, PahoClient, port_is_free
 
 from iotix.testing import MosquittoBroker, MosquittoError, TLSListenerSpec
 
@@ -76,18 +76,6 @@ def exchange(broker: MosquittoBroker, topic: str, qos: int, count: int = 10) -> 
     assert [m.payload for m in received] == [f"message {n}".encode() for n in range(count)]
     assert {m.qos for m in received} == {qos}
     assert {m.topic for m in received} == {topic}
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a new server could listen on the port (as Mosquitto would: SO_REUSEADDR)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            sock.listen()
-        except OSError:
-            return False
-    return True
 
 
 def process_exists(pid: int) -> bool:

@@ -218,39 +218,32 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
-class PubAck:
+class _Ack:
+    """The shape the four publish acknowledgements share (§3.4 to §3.7)."""
+
+    packet_id: int
+    reason_code: int = 0
+    properties: Properties = field(default_factory=_no_properties)
+
+
+@dataclass(frozen=True, slots=True)
+class PubAck(_Ack):
     """PUBACK (§3.4): QoS 1 acknowledgement."""
 
-    packet_id: int
-    reason_code: int = 0
-    properties: Properties = field(default_factory=_no_properties)
-
 
 @dataclass(frozen=True, slots=True)
-class PubRec:
+class PubRec(_Ack):
     """PUBREC (§3.5): QoS 2, part 1."""
 
-    packet_id: int
-    reason_code: int = 0
-    properties: Properties = field(default_factory=_no_properties)
-
 
 @dataclass(frozen=True, slots=True)
-class PubRel:
+class PubRel(_Ack):
     """PUBREL (§3.6): QoS 2, part 2."""
 
-    packet_id: int
-    reason_code: int = 0
-    properties: Properties = field(default_factory=_no_properties)
-
 
 @dataclass(frozen=True, slots=True)
-class PubComp:
+class PubComp(_Ack):
     """PUBCOMP (§3.7): QoS 2, part 3."""
-
-    packet_id: int
-    reason_code: int = 0
-    properties: Properties = field(default_factory=_no_properties)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,13 @@
-"""paho-mqtt wrapped for the integration tests: the independent client on the other
-side of a broker, on its own network thread, with events to wait on (never sleeps)."""
+"""Helpers shared by the broker tests: paho-mqtt wrapped as the independent client on
+the other side of a broker (its own network thread, events to wait on, never sleeps),
+and a check that a port is free again."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import queue
+import socket
 import threading
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -81,3 +83,15 @@ class PahoClient:
 
     def receive(self) -> mqtt.MQTTMessage:
         return self.messages.get(timeout=TIMEOUT_S)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a new server could listen on the port (with SO_REUSEADDR, as brokers do)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen()
+        except OSError:
+            return False
+    return True
