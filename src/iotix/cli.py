@@ -23,7 +23,7 @@ from rich.table import Table
 
 from iotix import __version__
 from iotix.adapters.tls import TLSContextCache, TLSSettings
-from iotix.engine.fleet import FleetPlan, default_workers, run_fleet
+from iotix.engine.fleet import FleetPlan, FleetResult, default_workers, run_fleet
 from iotix.engine.results import results_document, summarise
 from iotix.engine.worker import RunConfigError, RunSettings, parse_brokers
 from iotix.errors import IotixError, ModelError
@@ -394,6 +394,46 @@ def _print_summary(console: Console, summary: dict[str, Any], errors: list[str])
         console.print(f"  [red]{escape(error)}[/]")
 
 
+def _run_live(
+    console: Console,
+    fleets: list[FleetPlan],
+    settings: RunSettings,
+    *,
+    workers: int,
+    probe_sample: float | None,
+) -> tuple[FleetResult, TimeSeries, dict[str, Any]]:
+    """Run the fleets behind the live view, then print the end summary."""
+    devices = sum(fleet.devices for fleet in fleets)
+    series = TimeSeries()
+    with Live(console=console, refresh_per_second=4) as live:
+
+        def show(snapshot: Snapshot) -> None:
+            with contextlib.suppress(ValueError):  # snapshots from one instant: no rate
+                series.add(snapshot)
+            row = series.rows[-1] if series.rows else None
+            live.update(_live_table(snapshot, row, devices))
+
+        outcome = run_fleet(
+            fleets, settings, workers=workers, on_snapshot=show, probe_sample=probe_sample
+        )
+    summary = summarise(outcome.snapshot)
+    _print_summary(console, summary, outcome.worker_errors)
+    if outcome.probe is not None:
+        delivered = outcome.probe
+        console.print(
+            f"  probe: {delivered['unique']:,} of {delivered['expected']:,} expected messages "
+            f"received, {delivered['lost']:,} lost, {delivered['duplicates']:,} duplicates, "
+            f"{delivered['reordered']:,} reordered"
+            + (
+                f"; {delivered['unparseable']:,} without device_id/seq/ts_ms (binary, CBOR "
+                "or templated payloads) not checked"
+                if delivered["unparseable"]
+                else ""
+            )
+        )
+    return outcome, series, summary
+
+
 @app.command()
 def run(
     model: Annotated[Path, typer.Argument(help="A model file (YAML or JSON).")],
@@ -510,32 +550,13 @@ def run(
         f"{', '.join(str(b) for b in brokers)}"
         + (f", {duration:g} s" if duration else ", until Ctrl-C")
     )
-    series = TimeSeries()
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
-
-        def show(snapshot: Snapshot) -> None:
-            with contextlib.suppress(ValueError):  # snapshots from one instant: no rate
-                series.add(snapshot)
-            row = series.rows[-1] if series.rows else None
-            live.update(_live_table(snapshot, row, devices))
-
-        outcome = run_fleet(
-            [FleetPlan(model, devices)],
-            settings,
-            workers=worker_count,
-            on_snapshot=show,
-            probe_sample=probe,
-        )
-    summary = summarise(outcome.snapshot)
-    _print_summary(console, summary, outcome.worker_errors)
-    if outcome.probe is not None:
-        delivered = outcome.probe
-        console.print(
-            f"  probe: {delivered['unique']:,} of {delivered['expected']:,} expected messages "
-            f"received, {delivered['lost']:,} lost, {delivered['duplicates']:,} duplicates, "
-            f"{delivered['reordered']:,} reordered"
-            + (f", {delivered['unparseable']:,} without seq" if delivered["unparseable"] else "")
-        )
+    outcome, series, summary = _run_live(
+        console,
+        [FleetPlan(model, devices)],
+        settings,
+        workers=worker_count,
+        probe_sample=probe,
+    )
     if results is not None:
         document = results_document(
             model_name=loaded.spec.name,
@@ -628,29 +649,11 @@ def demo(
         + ", ".join(f"{f.devices:,} {f.model_path.stem}" for f in fleets)
         + f") on {broker} for {duration:g} s"
     )
-    series = TimeSeries()
     try:
-        with Live(console=console, refresh_per_second=4) as live:
-
-            def show(snapshot: Snapshot) -> None:
-                with contextlib.suppress(ValueError):
-                    series.add(snapshot)
-                row = series.rows[-1] if series.rows else None
-                live.update(_live_table(snapshot, row, devices))
-
-            outcome = run_fleet(fleets, settings, workers=1, on_snapshot=show, probe_sample=1.0)
+        outcome, _, summary = _run_live(console, fleets, settings, workers=1, probe_sample=1.0)
     finally:
         if embedded is not None:
             embedded.stop()
-    summary = summarise(outcome.snapshot)
-    _print_summary(console, summary, outcome.worker_errors)
-    if outcome.probe is not None:
-        delivered = outcome.probe
-        console.print(
-            f"  probe: {delivered['unique']:,} of {delivered['expected']:,} expected JSON "
-            f"messages received, {delivered['lost']:,} lost, {delivered['duplicates']:,} "
-            "duplicates (binary and CBOR payloads carry no sequence number for it to read)"
-        )
     console.print(DEMO_EPILOGUE.format(devices=devices, models=len(fleets)))
     if outcome.worker_errors or summary["connects"] == 0:
         raise typer.Exit(EXIT_RUN_FAILED)
