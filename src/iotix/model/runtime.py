@@ -172,6 +172,8 @@ class DeviceBatch:
 
         self._attributes = self._build_attributes()
         self.device_ids: list[str] = self._build_ids()
+        self._id_table = np.empty(self.size, dtype=object)  # the same strings, for columns
+        self._id_table[:] = self.device_ids
 
         machine = spec.states
         self.state_names: list[str] = list(machine.states) if machine else ["default"]
@@ -374,10 +376,7 @@ class DeviceBatch:
         if name == "index":
             return self.indices[rows]
         if name == "device_id":
-            ids = self.device_ids
-            column = np.empty(len(rows), dtype=object)
-            column[:] = [ids[r] for r in rows.tolist()]
-            return column
+            return self._id_table[rows]
         if name == "state":
             return self._state_table[env.codes]
         if name == "state_s":
