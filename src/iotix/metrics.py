@@ -443,10 +443,10 @@ class Counters:
 
     # -- hot-path helpers --------------------------------------------------------------
 
-    def count_sent(self, qos: int, size_bytes: int) -> None:
-        """One publish of ``size_bytes`` handed to the protocol at ``qos``."""
-        self.messages_sent += 1
-        self.messages_sent_by_qos[QOS_KEYS[qos]] += 1
+    def count_sent(self, qos: int, size_bytes: int, count: int = 1) -> None:
+        """``count`` publishes of ``size_bytes`` in all handed to the protocol at ``qos``."""
+        self.messages_sent += count
+        self.messages_sent_by_qos[QOS_KEYS[qos]] += count
         self.bytes_sent += size_bytes
 
     def count_acked(self, qos: int) -> None:
@@ -456,10 +456,10 @@ class Counters:
         self.messages_acked += 1
         self.messages_acked_by_qos[QOS_KEYS[qos]] += 1
 
-    def count_failed(self, qos: int) -> None:
-        """One publish that will never be confirmed (or, at QoS 0, written)."""
-        self.messages_failed += 1
-        self.messages_failed_by_qos[QOS_KEYS[qos]] += 1
+    def count_failed(self, qos: int, count: int = 1) -> None:
+        """``count`` publishes that will never be confirmed (or, at QoS 0, written)."""
+        self.messages_failed += count
+        self.messages_failed_by_qos[QOS_KEYS[qos]] += count
 
     def count_received(self, size_bytes: int) -> None:
         """One message received by a device."""
@@ -472,9 +472,9 @@ class Counters:
         by_reason = self.connect_failures_by_reason
         by_reason[reason] = by_reason.get(reason, 0) + 1
 
-    def count_error(self, kind: str) -> None:
-        """One error of ``kind`` (an exception class name, a reason code...)."""
-        self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+    def count_error(self, kind: str, count: int = 1) -> None:
+        """``count`` errors of ``kind`` (an exception class name, a reason code...)."""
+        self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + count
 
     # -- accounting --------------------------------------------------------------------
 

@@ -116,3 +116,42 @@ def test_devices_dropped_together_reconnect_spread_out_by_jitter(
     assert spread_s > 1.0
     slots = [int((t - start) / 0.1) for t in reconnected]
     assert max(slots.count(s) for s in set(slots)) < devices * 0.2
+
+
+def test_a_topic_no_publish_may_carry_is_an_error_per_message_not_a_crash(
+    mosquitto: MosquittoBroker,
+) -> None:
+    # Half the devices render a topic with a wildcard in it: their messages are counted
+    # as errors and never sent; the other half keep sending.
+    model = {
+        "name": "zoned",
+        "attributes": {"zone": {"kind": "choice", "values": ["ok", "a+b"]}},
+        "fields": {"n": {"kind": "counter"}},
+        "messages": {
+            "telemetry": {
+                "topic": "zones/{zone}/{device_id}",
+                "schedule": {"kind": "interval", "interval_s": 0.05},
+            }
+        },
+    }
+
+    async def scenario() -> Worker:
+        worker = Worker(
+            load_model_data(model),
+            range(20),
+            RunSettings(devices=20, brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),)),
+            WallClock(),
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        await until(lambda: worker.counters.messages_sent >= 40)
+        stop.set()
+        await running
+        return worker
+
+    worker = asyncio.run(scenario())
+    counters = worker.counters
+    bad = sum(n for kind, n in counters.errors_by_kind.items() if kind.startswith("not sent: bad"))
+    assert bad > 0
+    assert counters.messages_sent >= 40
+    assert counters.reconciles(), counters.problems()

@@ -30,6 +30,7 @@ from iotix.protocols.mqtt.packets import (
     Publish,
     PubRec,
     PubRel,
+    QoS0Frames,
     SubAck,
     Subscribe,
     Subscription,
@@ -317,6 +318,37 @@ def test_encode_publish_equals_encoding_the_dataclass(
         properties_bytes=props,
     )
     assert fast == encode(publish, version)
+
+
+@BOTH
+@QUICK
+@given(
+    topic=st.text(st.characters(blacklist_characters="+#\x00"), min_size=1, max_size=40),
+    payload=st.one_of(st.binary(max_size=200), st.builds(bytes, st.integers(16_000, 17_000))),
+    retain=st.booleans(),
+)
+def test_qos0_frames_equal_encode_publish(
+    version: ProtocolVersion, topic: str, payload: bytes, *, retain: bool
+) -> None:
+    frames = QoS0Frames(version)
+    part = frames.topic_part(topic)
+    header = frames.header(len(part) + len(payload), retain=retain)
+    expected = encode_publish(topic.encode(), payload, retain=retain, version=version)
+    assert header + part + payload == expected
+    assert decode(expected, version) == [Publish(topic, payload, retain=retain)]
+
+
+@pytest.mark.parametrize("topic", ["a/+/b", "a/#", "nul\x00", ""])
+def test_qos0_frames_refuse_a_topic_no_publish_may_carry(topic: str) -> None:
+    with pytest.raises(MQTTProtocolError):
+        QoS0Frames().topic_part(topic)
+
+
+def test_qos0_frames_refuse_a_packet_beyond_the_largest_remaining_length() -> None:
+    frames = QoS0Frames()
+    assert frames.header(packets.MAX_REMAINING_LENGTH, retain=False)[:1] == b"\x30"
+    with pytest.raises(MQTTProtocolError, match="too large"):
+        frames.header(packets.MAX_REMAINING_LENGTH + 1, retain=False)
 
 
 def test_encode_publish_handles_a_multi_byte_remaining_length() -> None:

@@ -116,6 +116,19 @@ def test_qos0_publish_is_sent_at_once_without_an_id() -> None:
     assert peer.sent() == [Publish("t/1", b"x")]
 
 
+def test_encoded_qos0_packets_are_queued_after_what_the_session_queued() -> None:
+    peer = connected()
+    peer.session.publish("t/1", b"first")
+    peer.session.publish_encoded(encode(Publish("t/2", b"a"), V311) * 2)
+    assert peer.sent() == [Publish("t/1", b"first"), Publish("t/2", b"a"), Publish("t/2", b"a")]
+
+
+def test_encoded_packets_need_a_connected_session() -> None:
+    session = MQTTClientSession(SessionSettings(client_id="dev-1"))
+    with pytest.raises(MQTTProtocolError, match="while disconnected"):
+        session.publish_encoded(b"\x30\x03\x00\x01t")
+
+
 def test_qos1_publish_completes_on_puback() -> None:
     peer = connected()
     packet_id = peer.session.publish("t/1", b"x", qos=1)

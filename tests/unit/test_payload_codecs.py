@@ -91,6 +91,52 @@ def test_json_constant_template_encodes_the_same_bytes_every_time() -> None:
     assert encoder.encode({}) == encoder.encode(RECORD) == b'{"v":1,"tags":["a","b"]}'
 
 
+JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=False),
+    st.text(max_size=8),
+    st.lists(st.integers(0, 9), max_size=3),
+)
+
+
+@given(
+    rows=st.lists(st.tuples(JSON_VALUES, JSON_VALUES, st.integers(0, 9)), max_size=20),
+    template=st.sampled_from(
+        [
+            None,
+            {"a": "${a}", "nested": {"b": ["${b}", 1, "50%"], "c": "${c:03d}%"}},
+            {"only": "${a}"},
+            ["${c}", "${a}", {"k": "x ${b} y"}],
+            {"const": "$$5 100%"},
+        ]
+    ),
+)
+def test_json_encode_many_is_encode_of_each_record(
+    rows: list[tuple[Any, Any, int]], template: Any
+) -> None:
+    # encode_many renders text around slots and splits column arrays at their commas;
+    # whatever the values (text with commas, lists, nan), the bytes are encode()'s.
+    encoder = build({"kind": "json", "template": template}, default_names=["a", "b", "c"])
+    columns = {name: [row[i] for row in rows] for i, name in enumerate("abc")}
+    expected = [encoder.encode(dict(zip("abc", row, strict=True))) for row in rows]
+    assert encoder.encode_many(columns, len(rows)) == expected
+
+
+def test_json_encode_many_reports_a_missing_column_with_its_template_path() -> None:
+    encoder = build({"kind": "json", "template": {"v": {"t": "${temperature}"}}})
+    with pytest.raises(PayloadError, match=r"template\.v\.t") as caught:
+        encoder.encode_many({"humidity": [1.0]}, 1)
+    assert "temperature" in str(caught.value)
+
+
+def test_json_encode_many_with_interpolated_keys_matches_encode() -> None:
+    encoder = build({"kind": "json", "template": {"${device_id}": "${temperature}"}})
+    columns = {"device_id": ["a", "b"], "temperature": [1.5, 2.5]}
+    assert encoder.encode_many(columns, 2) == [b'{"a":1.5}', b'{"b":2.5}']
+
+
 def test_json_decode_returns_the_document() -> None:
     assert build({"kind": "json"}).decode(b'{"a":[1,2.5]}') == {"a": [1, 2.5]}
 

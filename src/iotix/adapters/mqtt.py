@@ -65,7 +65,9 @@ class MQTTConnection(asyncio.Protocol):
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._waiters: dict[int, asyncio.Future[Any]] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._lost = False
+        self.closed = False
+        """True once the transport has closed, for whatever reason (an attribute, not a
+        property: the engine reads it for every message it sends)."""
 
     # --- asyncio.Protocol -----------------------------------------------------------
 
@@ -88,7 +90,7 @@ class MQTTConnection(asyncio.Protocol):
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
+        self.closed = True
         if self._timer is not None:
             self._timer.cancel()
         for event in self.session.connection_lost():
@@ -123,6 +125,17 @@ class MQTTConnection(asyncio.Protocol):
         self._schedule_flush()
         return packet_id
 
+    def publish_encoded(self, packets: bytes) -> bool:
+        """Write QoS 0 PUBLISH packets encoded by the caller now, with anything the
+        session has queued; False (nothing written) when the connection is closing."""
+        if self.closed or self._transport is None or self._transport.is_closing():
+            return False
+        if self.session.state is not SessionState.CONNECTED:
+            return False
+        self.session.publish_encoded(packets)
+        self._flush()
+        return True
+
     async def wait_acked(self, packet_id: int) -> PublishAckedEvent:
         """Wait for the acknowledgement of a QoS 1 or 2 message."""
         waiter = self._waiters.setdefault(packet_id, self._loop.create_future())
@@ -152,11 +165,6 @@ class MQTTConnection(asyncio.Protocol):
     async def wait_closed(self) -> None:
         # Shielded: a waiter that is cancelled must not mark the connection closed.
         await asyncio.shield(self._closed)
-
-    @property
-    def closed(self) -> bool:
-        """True once the transport has closed, for whatever reason."""
-        return self._lost
 
     # --- internals ------------------------------------------------------------------
 

@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import orjson
 
 from iotix.adapters.mqtt import MQTTConnectError, MQTTConnection, open_connection
 from iotix.adapters.tls import TLSConfigError, TLSContextCache, TLSSettings
-from iotix.errors import IotixError
+from iotix.errors import IotixError, MQTTProtocolError
 from iotix.metrics import Counters, Histogram, Snapshot
-from iotix.model.runtime import DeviceBatch
-from iotix.protocols.mqtt.packets import ProtocolVersion, Subscription
+from iotix.model.runtime import DeviceBatch, MessageKind
+from iotix.protocols.mqtt.packets import ProtocolVersion, QoS0Frames, Subscription
 from iotix.protocols.mqtt.session import (
     DisconnectedEvent,
     MessageReceivedEvent,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
     from iotix.clock import Clock
     from iotix.model.loader import LoadedModel
+    from iotix.model.runtime import Emission
     from iotix.protocols.mqtt.session import Event
 
 logger = logging.getLogger(__name__)
@@ -194,6 +196,8 @@ class Worker:
         ]
         commands = model.spec.commands
         self._commands = None if commands is None else _command_pattern(commands.topic)
+        self._frames = QoS0Frames(settings.version)
+        self._topics: dict[tuple[MessageKind, str], list[bytes | None]] = {}
         uses_tls = any(endpoint.tls for endpoint in settings.brokers)
         self._tls = TLSContextCache(settings.tls or TLSSettings()) if uses_tls else None
 
@@ -216,7 +220,7 @@ class Worker:
                 now = self.clock.now_s()
                 if deadline is not None and now >= deadline:
                     break
-                self._send(self.batch.advance(now))
+                self._send(self.batch.advance_emissions(now))
                 # At least one tick between rounds: a round per distinct due time would
                 # cost a numpy round and a write per message at ordinary rates.
                 wake = max(min(self.batch.next_due_s(), now + 0.25), now + settings.tick_s)
@@ -263,28 +267,140 @@ class Worker:
 
     # --- sending --------------------------------------------------------------------
 
-    def _send(self, messages: list[Any]) -> None:
-        counters = self.counters
+    def _send(self, emissions: list[Emission]) -> None:
+        """Hand one round of emissions to the connections: QoS 0 as pre-encoded packets
+        gathered per connection (one write each), QoS 1 and 2 through the session's
+        in-flight window. Counters and the lag histogram are updated per emission."""
         now = self.clock.now_s()
         qos_override = self.settings.qos
+        gathered: dict[int, list[bytes]] = {}
+        for emission in emissions:
+            qos = emission.qos if qos_override is None else qos_override
+            if qos == 0:
+                skipped = self._gather(emission, gathered)
+            else:
+                skipped = self._publish_acked(emission, qos, now)
+            self._account(emission, qos, now, skipped)
         devices = self.devices
-        first = self.first_index
-        lag = self.schedule_lag.record
-        for message in messages:
-            device = devices[message.device_index - first]
-            connection = device.connection
+        unsent = 0
+        for row, packets in gathered.items():
+            connection = devices[row].connection
+            if connection is None or not connection.publish_encoded(b"".join(packets)):
+                unsent += len(packets) // 3
+        if unsent:
+            # Closed between gathering and writing: counted as sent, then failed.
+            self.counters.count_failed(0, unsent)
+            self.counters.count_error("not sent: connection closed", unsent)
+
+    def _gather(self, emission: Emission, gathered: dict[int, list[bytes]]) -> list[int]:
+        """Append the QoS 0 packets of an emission to each device's list (header, topic,
+        payload: three items per message); return the positions not sent."""
+        devices = self.devices
+        frames = self._frames
+        headers = frames.headers(retain=emission.retain)
+        table_size = frames.TABLE_SIZE
+        parts = self._topic_parts(emission)
+        pick = gathered.get
+        skipped: list[int] = []
+        for position, (row, payload) in enumerate(
+            zip(emission.rows, emission.payloads, strict=True)
+        ):
+            connection = devices[row].connection
             if connection is None or connection.closed:
                 # The device is between connections: a real one would not send either.
-                counters.count_error("not sent: device not connected")
+                self.counters.count_error("not sent: device not connected")
+                skipped.append(position)
                 continue
-            qos = message.qos if qos_override is None else qos_override
-            packet_id = connection.publish(
-                message.topic, message.payload, qos=qos, retain=message.retain
+            part = parts[row] if parts is not None else None
+            if part is None:
+                part = self._topic_part(emission, position, parts)
+                if part is None:
+                    skipped.append(position)
+                    continue
+            size = len(part) + len(payload)
+            header = headers[size] if size < table_size else self._big_header(emission, size)
+            if header is None:
+                skipped.append(position)
+                continue
+            packets = pick(row)
+            if packets is None:
+                gathered[row] = [header, part, payload]
+            else:
+                packets += (header, part, payload)
+        return skipped
+
+    def _topic_parts(self, emission: Emission) -> list[bytes | None] | None:
+        """The encoded topic of each device for an outlet's emissions (a telemetry
+        message or an event has one topic per device); None for replies, whose topic
+        changes with the command."""
+        if emission.kind is MessageKind.REPLY:
+            return None
+        key = (emission.kind, emission.name)
+        parts = self._topics.get(key)
+        if parts is None:
+            parts = self._topics[key] = [None] * self.batch.size
+        return parts
+
+    def _topic_part(
+        self, emission: Emission, position: int, parts: list[bytes | None] | None
+    ) -> bytes | None:
+        """Encode (and check) a topic the first time a device sends on it."""
+        try:
+            part = self._frames.topic_part(emission.topics[position])
+        except MQTTProtocolError as exc:
+            self.counters.count_error(f"not sent: bad topic ({exc})")
+            return None
+        if parts is not None:
+            parts[emission.rows[position]] = part
+        return part
+
+    def _big_header(self, emission: Emission, size: int) -> bytes | None:
+        try:
+            return self._frames.header(size, retain=emission.retain)
+        except MQTTProtocolError:
+            self.counters.count_error("not sent: payload too large for MQTT")
+            return None
+
+    def _publish_acked(self, emission: Emission, qos: int, now: float) -> list[int]:
+        """QoS 1 and 2: one session publish per message, its send time kept for the ack."""
+        devices = self.devices
+        skipped: list[int] = []
+        for position, (row, topic, payload, due) in enumerate(
+            zip(
+                emission.rows,
+                emission.topics,
+                emission.payloads,
+                emission.due_s.tolist(),
+                strict=True,
             )
-            counters.count_sent(qos, len(message.payload))
-            lag(max(now - message.due_s, 0.0))
+        ):
+            device = devices[row]
+            connection = device.connection
+            if connection is None or connection.closed:
+                self.counters.count_error("not sent: device not connected")
+                skipped.append(position)
+                continue
+            try:
+                packet_id = connection.publish(topic, payload, qos=qos, retain=emission.retain)
+            except MQTTProtocolError:
+                self.counters.count_error("not sent: payload too large for MQTT")
+                skipped.append(position)
+                continue
             if packet_id is not None:
-                device.sent_at[packet_id] = (now, message.due_s, qos)
+                device.sent_at[packet_id] = (now, due, qos)
+        return skipped
+
+    def _account(self, emission: Emission, qos: int, now: float, skipped: list[int]) -> None:
+        payloads = emission.payloads
+        due = emission.due_s
+        if skipped:
+            sent = np.ones(len(payloads), dtype=bool)
+            sent[skipped] = False
+            due = due[sent]
+            payloads = [p for p, keep in zip(payloads, sent.tolist(), strict=True) if keep]
+        if payloads:
+            self.counters.count_sent(qos, sum(map(len, payloads)), len(payloads))
+            self.schedule_lag.record_many(np.maximum(now - due, 0.0))
 
     # --- connections ----------------------------------------------------------------
 

@@ -84,6 +84,26 @@ class Message(NamedTuple):
     retain: bool = False
 
 
+class Emission(NamedTuple):
+    """The messages of one outlet in one round, as columns: what the engine sends.
+
+    ``advance_emissions`` hands these out so that a sender can work per batch (one
+    lag histogram update, one counter update) instead of per message; ``advance``
+    flattens them into :class:`Message` tuples for everything else.
+    """
+
+    name: str
+    kind: MessageKind
+    qos: int
+    retain: bool
+    rows: list[int]
+    """Positions of the sending devices in the batch (not fleet indices)."""
+    topics: list[str]
+    payloads: list[bytes]
+    due_s: npt.NDArray[np.float64]
+    seq: list[int]
+
+
 class CommandStatus(enum.Enum):
     OK = "ok"
     REJECTED = "rejected"
@@ -214,7 +234,7 @@ class DeviceBatch:
         }
         self._encoders.update({(MessageKind.EVENT, e.name): e.outlet.encoder for e in self._events})
         self._commands = self._build_commands()
-        self._replies: list[tuple[float, int, Message]] = []
+        self._replies: list[tuple[float, int, Emission]] = []
         self._reply_count = 0
         self._reply_seq = np.zeros(self.size, dtype=np.int64)
         self.names = frozenset(
@@ -412,7 +432,16 @@ class DeviceBatch:
 
     def advance(self, now_s: float) -> list[Message]:
         """Every message due at or before ``now_s``, in rounds, oldest first per device."""
-        out: list[Message] = []
+        return [
+            message
+            for emission in self.advance_emissions(now_s)
+            for message in self.messages_of(emission)
+        ]
+
+    def advance_emissions(self, now_s: float) -> list[Emission]:
+        """What ``advance`` returns, as one :class:`Emission` per outlet and round (in
+        send order: oldest first per device)."""
+        out: list[Emission] = []
         while self._replies and self._replies[0][0] <= now_s:
             out.append(heapq.heappop(self._replies)[2])
         if self.size == 0:
@@ -423,7 +452,23 @@ class DeviceBatch:
                 return out
             self._round(due_rows, out)
 
-    def _round(self, due_rows: list[npt.NDArray[np.intp]], out: list[Message]) -> None:
+    def messages_of(self, emission: Emission) -> Iterator[Message]:
+        """The messages of an emission, one tuple each."""
+        ids = self.device_ids
+        indices = self.indices[emission.rows].tolist()
+        name, kind, qos, retain = emission.name, emission.kind, emission.qos, emission.retain
+        for row, index, topic, payload, due, seq in zip(
+            emission.rows,
+            indices,
+            emission.topics,
+            emission.payloads,
+            emission.due_s.tolist(),
+            emission.seq,
+            strict=True,
+        ):
+            yield Message(index, ids[row], name, kind, topic, payload, due, seq, qos, retain)
+
+    def _round(self, due_rows: list[npt.NDArray[np.intp]], out: list[Emission]) -> None:
         """One sample per due device, at its earliest due time; only the outlets due at
         that very time fire in this round, the others wait for a later round."""
         all_rows = np.concatenate(due_rows)
@@ -547,7 +592,7 @@ class DeviceBatch:
         return entered
 
     def _raise_condition_events(
-        self, env: _Env, entered: npt.NDArray[np.bool_], out: list[Message]
+        self, env: _Env, entered: npt.NDArray[np.bool_], out: list[Emission]
     ) -> None:
         rows = env.rows
         for event in self._events:
@@ -583,7 +628,7 @@ class DeviceBatch:
         event: _ConditionEvent,
         env: _Env,
         positions: npt.NDArray[np.intp],
-        out: list[Message],
+        out: list[Emission],
         *,
         active: bool,
         state: str | None = None,
@@ -599,7 +644,7 @@ class DeviceBatch:
         env: _Env,
         positions: npt.NDArray[np.intp],
         due: F64,
-        out: list[Message],
+        out: list[Emission],
         *,
         extra: dict[str, Any] | None = None,
     ) -> None:
@@ -623,20 +668,20 @@ class DeviceBatch:
             else:
                 columns[name] = _column(env[name], positions, count)
         payloads = outlet.encoder.encode_many(columns, count)
-        ids = self.device_ids
+        row_list = rows.tolist()
+        topics = outlet.topics
         topic = self._topic
-        name, kind, qos, retain = outlet.name, outlet.kind, outlet.qos, outlet.retain
-        out.extend(
-            Message(
-                index, ids[row], name, kind, topic(outlet, row), payload, t_due, number, qos, retain
-            )
-            for row, index, payload, t_due, number in zip(
-                rows.tolist(),
-                self.indices[rows].tolist(),
+        out.append(
+            Emission(
+                outlet.name,
+                outlet.kind,
+                outlet.qos,
+                outlet.retain,
+                row_list,
+                [topics[row] or topic(outlet, row) for row in row_list],
                 payloads,
-                due.tolist(),
+                due,
                 seq.tolist(),
-                strict=True,
             )
         )
 
@@ -774,7 +819,7 @@ class DeviceBatch:
             self.state[row] = target
             self.entered_s[row] = now_s
             entered_env = _CommandEnv(self, row, now_s, env["payload"])
-            events: list[Message] = []
+            events: list[Emission] = []
             for event in self._events:
                 if event.on_enter == target:
                     self._emit_event(
@@ -785,8 +830,8 @@ class DeviceBatch:
                         active=True,
                         state=self.state_names[target],
                     )
-            for message in events:
-                self._push(message)
+            for emission in events:
+                self._push(emission)
         if handler.offline_s is not None:
             self.offline_until_s[row] = now_s + _for_row(handler.offline_s, row)
 
@@ -794,9 +839,11 @@ class DeviceBatch:
         found = [self._generators[name], *self._overrides.get(name, {}).values()]
         return [g for g in found if g.settable]
 
-    def _push(self, message: Message) -> None:
+    def _push(self, emission: Emission) -> None:
+        """Queue a one-device emission (a reply, or an event a command raised)."""
         self._reply_count += 1
-        heapq.heappush(self._replies, (message.due_s, self._reply_count, message))
+        due = float(emission.due_s[0])
+        heapq.heappush(self._replies, (due, self._reply_count, emission))
 
     def _queue_reply(
         self,
@@ -828,16 +875,16 @@ class DeviceBatch:
             for name in encoder.names
         }
         self._push(
-            Message(
-                device_index=int(self.indices[row]),
-                device_id=self.device_ids[row],
+            Emission(
                 name=command if command in self._commands else "*",
                 kind=MessageKind.REPLY,
-                topic=self.render(template, row, command=command),
-                payload=encoder.encode(record),
-                due_s=due_s,
-                seq=seq,
                 qos=1,
+                retain=False,
+                rows=[row],
+                topics=[self.render(template, row, command=command)],
+                payloads=[encoder.encode(record)],
+                due_s=np.array([due_s]),
+                seq=[seq],
             )
         )
 

@@ -323,15 +323,24 @@ class _TemplateEncoder:
 
 
 class JSONPayloadEncoder(_TemplateEncoder):
-    """Compact UTF-8 JSON through orjson."""
+    """Compact UTF-8 JSON through orjson.
 
-    __slots__ = ("_option",)
+    ``encode_many`` does not build a document per message: the template is serialised
+    once with a marker in every slot (``${name}`` or a formatted string) and split into
+    constant text around the slots. Each slot's column is serialised as one JSON array
+    and split at its commas, and a message is the constant text with its values
+    ``%``-formatted in. The bytes are those of ``encode``; a column whose values hold
+    commas themselves (text, nested lists) is serialised value by value instead.
+    """
+
+    __slots__ = ("_option", "_plan")
 
     def __init__(self, spec: JSONPayloadSpec, default_names: Sequence[str]) -> None:
         super().__init__(spec, default_names)
         self.content_type = "application/json"
         # Non-text keys (numbers in YAML, or interpolated keys) need orjson's option.
         self._option = orjson.OPT_NON_STR_KEYS if _has_non_str_keys(spec.template) else 0
+        self._plan = _SlotPlan.build(spec.template, default_names, self._option)
 
     def _serialise(self, document: Any) -> bytes:
         try:
@@ -339,12 +348,132 @@ class JSONPayloadEncoder(_TemplateEncoder):
         except orjson.JSONEncodeError as exc:
             raise PayloadError(f"cannot encode as JSON: {exc}") from None
 
+    def encode_many(self, columns: Mapping[str, Sequence[Any]], count: int) -> list[bytes]:
+        """The payloads of ``count`` records given as columns."""
+        if self._plan is None:
+            return super().encode_many(columns, count)
+        return self._plan.render(columns, count)
+
     def decode(self, data: bytes) -> Any:
         """The JSON document as Python data."""
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise PayloadError(f"not valid JSON: {exc}") from None
+
+
+_MARK = "\x00iotix-slot-{}\x00"
+_MARKED = re.compile(rb'"\\u0000iotix-slot-(\d+)\\u0000"')
+
+
+class _NoPlan(Exception):  # noqa: N818 - control flow inside _SlotPlan.build only
+    """The template has a part the slot plan does not cover (an interpolated key)."""
+
+
+class _Slot:
+    """One value slot: a column as it is, or a string formatted from several."""
+
+    __slots__ = ("build", "names", "path")
+
+    def __init__(
+        self, names: tuple[str, ...], path: str, build: Callable[[Mapping[str, Any]], Any] | None
+    ) -> None:
+        self.names = names
+        self.path = path
+        self.build = build
+
+    def values(self, columns: Mapping[str, Sequence[Any]]) -> Sequence[Any]:
+        try:
+            picked = [columns[name] for name in self.names]
+        except KeyError as exc:
+            raise _missing(str(exc.args[0]), self.path) from None
+        if self.build is None:
+            return picked[0]
+        build, names = self.build, self.names
+        return [build(dict(zip(names, row, strict=True))) for row in zip(*picked, strict=True)]
+
+
+class _SlotPlan:
+    """A JSON template as ``%``-format text with one ``%b`` per slot (see
+    :class:`JSONPayloadEncoder`)."""
+
+    __slots__ = ("_format", "_option", "_slots")
+
+    def __init__(self, text: bytes, slots: list[_Slot], option: int) -> None:
+        self._format = text
+        self._slots = slots
+        self._option = option
+
+    @classmethod
+    def build(cls, template: Any, default_names: Sequence[str], option: int) -> _SlotPlan | None:
+        slots: list[_Slot] = []
+        if template is None:
+            skeleton: Any = {}
+            for name in default_names:
+                skeleton[name] = _MARK.format(len(slots))
+                slots.append(_Slot((name,), "(default names)", None))
+        else:
+            try:
+                skeleton = cls._skeleton(template, ("template",), slots)
+            except _NoPlan:
+                return None
+        pieces = _MARKED.split(orjson.dumps(skeleton, option=option))
+        order = [int(index) for index in pieces[1::2]]
+        if sorted(order) != list(range(len(slots))):
+            return None  # a constant of the template looks like a marker: play safe
+        if not slots:  # a constant document: the text as it is
+            return cls(pieces[0], [], option)
+        text = b"%b".join(piece.replace(b"%", b"%%") for piece in pieces[0::2])
+        return cls(text, [slots[index] for index in order], option)
+
+    @classmethod
+    def _skeleton(cls, node: Any, path: tuple[str | int, ...], slots: list[_Slot]) -> Any:
+        if isinstance(node, str):
+            parts = parse_placeholders(node)
+            names = tuple(part.name for part in parts if isinstance(part, Placeholder))
+            if not names:
+                return _build_constant(node)
+            builder, _ = _compile_string(node, dotted_path(path))
+            exact = len(parts) == 1 and isinstance(parts[0], Placeholder)
+            exact = exact and parts[0].format_spec is None  # type: ignore[union-attr]
+            slots.append(_Slot(names, dotted_path(path), None if exact else builder))
+            return _MARK.format(len(slots) - 1)
+        if isinstance(node, dict):
+            skeleton = {}
+            for key, value in node.items():
+                if isinstance(key, str) and any(
+                    isinstance(part, Placeholder) for part in parse_placeholders(key)
+                ):
+                    raise _NoPlan
+                skeleton[_build_constant(key)] = cls._skeleton(value, (*path, str(key)), slots)
+            return skeleton
+        if isinstance(node, list | tuple):
+            return [cls._skeleton(item, (*path, index), slots) for index, item in enumerate(node)]
+        return node
+
+    def render(self, columns: Mapping[str, Sequence[Any]], count: int) -> list[bytes]:
+        if count == 0:
+            return []
+        text = self._format
+        if not self._slots:
+            return [text] * count
+        values = [self._json_values(slot.values(columns), count) for slot in self._slots]
+        return [text % row for row in zip(*values, strict=True)]
+
+    def _json_values(self, column: Sequence[Any], count: int) -> list[bytes]:
+        """Each value of a column as JSON text."""
+        option = self._option
+        try:
+            array = orjson.dumps(
+                column if isinstance(column, list) else list(column), option=option
+            )
+            values = array[1:-1].split(b",")
+            if len(values) == count:
+                return values
+            # A value with a comma of its own (text, a list): one at a time.
+            return [orjson.dumps(value, option=option) for value in column]
+        except orjson.JSONEncodeError as exc:
+            raise PayloadError(f"cannot encode as JSON: {exc}") from None
 
 
 class CBORPayloadEncoder(_TemplateEncoder):

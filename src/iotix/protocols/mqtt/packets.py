@@ -748,6 +748,53 @@ def encode_publish(
     return b"".join((header, topic, packet_id_bytes, properties_bytes, payload))
 
 
+class QoS0Frames:
+    """QoS 0 PUBLISH packets from pieces encoded once, for senders of many messages.
+
+    A topic is checked and encoded once by the caller (:meth:`topic_part`, kept per
+    device), and the fixed headers of
+    packets up to 16 KiB come from a table (:meth:`header`), so a packet costs two
+    look-ups: ``header(len(part) + len(payload), retain=r) + part + payload`` is byte
+    for byte what :func:`encode_publish` returns. MQTT 5 packets carry an empty
+    property block (no topic alias: the full topic every time).
+    """
+
+    __slots__ = ("_headers", "_v5")
+
+    TABLE_SIZE: Final = 0x4000
+
+    def __init__(self, version: ProtocolVersion = ProtocolVersion.V311) -> None:
+        self._v5 = _protocol_version(version) is _V5
+        self._headers: dict[bool, list[bytes]] = {}
+
+    def topic_part(self, topic: str) -> bytes:
+        """The topic name as it follows the fixed header (length, UTF-8, and in MQTT 5
+        the empty property block). Raises :class:`MQTTProtocolError` for a topic no
+        PUBLISH may carry. The caller keeps it: nothing is cached here."""
+        encoded = topic.encode()
+        version = _V5 if self._v5 else ProtocolVersion.V311
+        encode_publish(encoded, b"", version=version)  # the checks, once per topic
+        return _U16(len(encoded)) + encoded + (_EMPTY_PROPERTY_BLOCK if self._v5 else b"")
+
+    def headers(self, *, retain: bool) -> list[bytes]:
+        """The fixed headers of packets whose remaining length is below TABLE_SIZE,
+        indexed by that length."""
+        table = self._headers.get(retain)
+        if table is None:
+            first = 0x30 | retain
+            table = [bytes((first,)) + _encode_vbi(size) for size in range(self.TABLE_SIZE)]
+            self._headers[retain] = table
+        return table
+
+    def header(self, remaining: int, *, retain: bool) -> bytes:
+        """The fixed header of a packet of any size."""
+        if remaining < self.TABLE_SIZE:
+            return self.headers(retain=retain)[remaining]
+        if remaining > MAX_REMAINING_LENGTH:
+            raise _error(f"PUBLISH of {remaining} bytes is too large", _PACKET_TOO_LARGE)
+        return bytes((0x30 | retain,)) + _encode_vbi(remaining)
+
+
 def _encode_connect(packet: Connect) -> bytes:
     # MQTT-3.1.2-2 / 3.1.1 MQTT-3.1.2-2: only levels 4 and 5 are spoken here.
     version = _protocol_version(packet.version)

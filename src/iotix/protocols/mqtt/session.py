@@ -369,6 +369,13 @@ class MQTTClientSession:
         )
         return packet_id
 
+    def publish_encoded(self, packets: bytes) -> None:
+        """Queue QoS 0 PUBLISH packets that the caller encoded (see
+        :class:`~iotix.protocols.mqtt.packets.QoS0Frames`): the batch path."""
+        if self.state is not SessionState.CONNECTED:
+            raise MQTTProtocolError(f"publish() while {self.state.value}", reason_code=0x82)
+        self._out.append(packets)
+
     def subscribe(self, subscriptions: Iterable[Subscription]) -> int:
         if self.state is not SessionState.CONNECTED:
             raise MQTTProtocolError(f"subscribe() while {self.state.value}", reason_code=0x82)
