@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from broker_helpers import TIMEOUT_S as PAHO_TIMEOUT_S
+from broker_helpers import PahoClient
+
 from iotix.clock import WallClock
 from iotix.engine.worker import BrokerEndpoint, RunSettings, Worker
 from iotix.model.loader import load_model_data
@@ -154,4 +157,54 @@ def test_a_topic_no_publish_may_carry_is_an_error_per_message_not_a_crash(
     bad = sum(n for kind, n in counters.errors_by_kind.items() if kind.startswith("not sent: bad"))
     assert bad > 0
     assert counters.messages_sent >= 40
+    assert counters.reconciles(), counters.problems()
+
+
+def test_a_reboot_command_drops_the_connection_until_the_device_is_back(
+    mosquitto: MosquittoBroker,
+) -> None:
+    model = {
+        "name": "rebooter",
+        "fields": {"n": {"kind": "counter"}},
+        "messages": {"telemetry": {"schedule": {"kind": "interval", "interval_s": 0.1}}},
+        "commands": {"handlers": {"reboot": {"offline_s": 0.5}}},
+    }
+    ready: list[tuple[int, float]] = []
+    paho = PahoClient()
+    paho.client.connect(mosquitto.host, mosquitto.port)
+    paho.client.loop_start()
+
+    async def scenario() -> Worker:
+        worker = Worker(
+            load_model_data(model),
+            range(3),
+            RunSettings(devices=3, brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),)),
+            WallClock(),
+            on_connected=lambda row, at: ready.append((row, at)),
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        await until(lambda: len(ready) == 3)
+        paho.client.publish(f"devices/{worker.batch.device_ids[1]}/commands/reboot", b"{}", 1)
+        await until(lambda: len(ready) == 4)
+        stop.set()
+        await running
+        return worker
+
+    try:
+        assert paho.connack.wait(PAHO_TIMEOUT_S)
+        paho.subscribe("devices/+/replies/#", 1)
+        worker = asyncio.run(scenario())
+        reply = paho.receive()
+    finally:
+        paho.client.disconnect()
+        paho.client.loop_stop()
+    assert reply.topic == f"devices/{worker.batch.device_ids[1]}/replies/reboot"
+    assert b'"status":"ok"' in reply.payload
+    counters = worker.counters
+    assert (counters.commands_answered, counters.disconnects, counters.reconnects) == (1, 1, 1)
+    # Back after its offline time, not after the reconnect backoff's jitter.
+    back_row, back_at = ready[3]
+    assert back_row == 1
+    assert back_at - max(at for _, at in ready[:3]) >= 0.5
     assert counters.reconciles(), counters.problems()

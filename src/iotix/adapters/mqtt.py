@@ -157,6 +157,13 @@ class MQTTConnection(asyncio.Protocol):
             self._transport.close()
         await self.wait_closed()
 
+    def drop(self) -> None:
+        """Close the socket without DISCONNECT once what is queued is written: to the
+        broker the client vanished (a reboot, a power cut), so it sends the will."""
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
     def abort(self) -> None:
         """Drop the connection at once (no DISCONNECT: the will message is sent)."""
         if self._transport is not None:

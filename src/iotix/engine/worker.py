@@ -190,6 +190,7 @@ class Worker:
         self._random = random.Random(f"{settings.seed}:worker:{worker_id}")  # noqa: S311 - jitter
         self._stopping = False
         self._nudge = asyncio.Event()
+        self._rebooting: list[_Device] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._endpoint_slots = [
             asyncio.Semaphore(settings.connect_concurrency) for _ in settings.brokers
@@ -221,6 +222,8 @@ class Worker:
                 if deadline is not None and now >= deadline:
                     break
                 self._send(self.batch.advance_emissions(now))
+                if self._rebooting:
+                    self._reboot()
                 # At least one tick between rounds: a round per distinct due time would
                 # cost a numpy round and a write per message at ordinary rates.
                 wake = max(min(self.batch.next_due_s(), now + 0.25), now + settings.tick_s)
@@ -440,13 +443,27 @@ class Worker:
         )
 
     async def _connect(self, device: _Device) -> None:
+        """One device's connection: open it, live while it stays up, then come back."""
+        connection = await self._open(device)
+        if connection is None:
+            return
+        self._up(device, connection)
+        if self._commands is not None:
+            topic_filter = self.batch.render(self._commands[0], device.row)
+            with contextlib.suppress(MQTTConnectError):  # lost first: handled below
+                await connection.subscribe([Subscription(topic_filter, qos=1)])
+        if self._on_connected is not None and not connection.closed:
+            self._on_connected(device.row, self.clock.now_s())  # ready for commands too
+        await connection.wait_closed()
+        self._down(device)
+
+    async def _open(self, device: _Device) -> MQTTConnection | None:
+        """One attempt; None when it failed (a retry is then scheduled if it may help)."""
         settings = self.settings
         index = self.first_index + device.row
         slot = index % len(settings.brokers)
         endpoint = settings.brokers[slot]
         sources = settings.source_addresses
-        source = sources[index % len(sources)] if sources else None
-        counters = self.counters
         counters = self.counters
         async with self._endpoint_slots[slot]:
             counters.connect_attempts += 1
@@ -460,7 +477,7 @@ class Worker:
                     endpoint.port,
                     self._session_settings(device),
                     on_event=lambda event: self._on_event(device, event),
-                    local_address=source,
+                    local_address=sources[index % len(sources)] if sources else None,
                     session=device.session,
                     ssl_context=context,
                     server_hostname=settings.tls.server_hostname if settings.tls else None,
@@ -468,15 +485,19 @@ class Worker:
             except TLSConfigError as exc:
                 # A device's own certificate is missing or broken: retrying will not help.
                 counters.count_connect_failure(f"TLS setup: {exc.field}")
-                return
+                return None
             except MQTTConnectError as exc:
                 reason = (
                     reason_name(exc.reason_code) if exc.reason_code is not None else "unreachable"
                 )
                 counters.count_connect_failure(reason)
                 self._reconnect_later(device)
-                return
+                return None
         self.connect_latency.record(self.clock.now_s() - started)
+        return connection
+
+    def _up(self, device: _Device, connection: MQTTConnection) -> None:
+        counters = self.counters
         counters.connects += 1
         if device.attempts:
             counters.reconnects += 1
@@ -485,21 +506,35 @@ class Worker:
         device.session = connection.session
         self.batch.paused[device.row] = False
         self.connected += 1
-        if self._on_connected is not None:
-            self._on_connected(device.row, self.clock.now_s())
-        if self._commands is not None:
-            filter_template = self._commands[0]
-            topic_filter = self.batch.render(filter_template, device.row)
-            await connection.subscribe([Subscription(topic_filter, qos=1)])
-        await connection.wait_closed()
+
+    def _down(self, device: _Device) -> None:
         self.connected -= 1
         self.batch.paused[device.row] = True
         device.connection = None
-        if settings.clean_start:
+        if self.settings.clean_start:
             self._fail_unacked(device)  # a clean session will not send them again
-        if not self._stopping:
-            counters.disconnects += 1
+        if self._stopping:
+            return
+        self.counters.disconnects += 1
+        back_at = float(self.batch.offline_until_s[device.row])
+        if back_at > self.clock.now_s():
+            # A reboot: the device comes back when its offline time is over.
+            device.attempts = 1
+            self._spawn(self._connect_at(device, back_at), f"reboot-{device.row}")
+        else:
             self._reconnect_later(device)
+
+    async def _connect_at(self, device: _Device, at_s: float) -> None:
+        await asyncio.sleep(max(at_s - self.clock.now_s(), 0.0))
+        await self._connect(device)
+
+    def _reboot(self) -> None:
+        """Drop the connections of devices a command sent offline (``offline_s``), after
+        this round wrote their replies: no DISCONNECT, so the broker sends their will."""
+        for device in self._rebooting:
+            if device.connection is not None:
+                device.connection.drop()
+        self._rebooting.clear()
 
     def _fail_unacked(self, device: _Device) -> None:
         for _, _, qos in device.sent_at.values():
@@ -516,13 +551,8 @@ class Worker:
         ceiling = min(
             settings.reconnect_max_s, settings.reconnect_min_s * 2 ** (device.attempts - 1)
         )
-        delay = self._random.uniform(0, ceiling)
-
-        async def later() -> None:
-            await asyncio.sleep(delay)
-            await self._connect(device)
-
-        self._spawn(later(), f"reconnect-{device.row}")
+        at_s = self.clock.now_s() + self._random.uniform(0, ceiling)
+        self._spawn(self._connect_at(device, at_s), f"reconnect-{device.row}")
 
     async def _disconnect_all(self) -> None:
         """DISCONNECT every device; what is still unacknowledged then counts as failed,
@@ -571,9 +601,12 @@ class Worker:
             payload = orjson.loads(event.payload) if event.payload else {}
         except orjson.JSONDecodeError:
             payload = {"raw": event.payload.decode("utf-8", "replace")}
+        now = self.clock.now_s()
         try:
-            self.batch.handle_command(device.row, match["command"], payload, self.clock.now_s())
+            self.batch.handle_command(device.row, match["command"], payload, now)
             self._nudge.set()  # its reply may be due sooner than the loop would wake
+            if self.batch.offline_until_s[device.row] > now:
+                self._rebooting.append(device)
         except IotixError as exc:
             counters.count_error(f"command failed: {type(exc).__name__}")
             return
