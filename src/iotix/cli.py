@@ -25,6 +25,7 @@ from iotix import __version__
 from iotix.adapters.tls import TLSContextCache, TLSSettings
 from iotix.engine.fleet import FleetPlan, FleetResult, default_workers, run_fleet
 from iotix.engine.results import results_document, summarise
+from iotix.engine.stages import StagePlan, parse_stages
 from iotix.engine.worker import RunConfigError, RunSettings, parse_brokers
 from iotix.errors import IotixError, ModelError
 from iotix.metrics import Snapshot, TimeSeries, TimeSeriesRow
@@ -445,9 +446,19 @@ def run(
     ],
     devices: Annotated[int, typer.Option(min=1, help="How many devices.")] = 10,
     duration: Annotated[
-        float, typer.Option(min=0, help="Seconds to run; 0 runs until Ctrl-C.")
-    ] = 60.0,
+        float | None,
+        typer.Option(
+            min=0, help="Seconds to run; 0 runs until Ctrl-C. Default: 60, or the stages' total."
+        ),
+    ] = None,
     rate: Annotated[float, typer.Option(min=0.1, help="New connections per second.")] = 1000.0,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            help="Connected devices over time, DURATION:DEVICES,...: '30s:1000,2m:1000,30s:0' "
+            "ramps up, holds and ramps down (DEVICES may be a % of --devices)."
+        ),
+    ] = None,
     qos: Annotated[
         int | None, typer.Option(min=0, max=2, help="QoS for every message (default: the model's).")
     ] = None,
@@ -505,6 +516,9 @@ def run(
     try:
         loaded = load_model(model)
         brokers = parse_brokers(broker)
+        stage_list = parse_stages(stages, fleet_size=devices) if stages else ()
+        if duration is None:
+            duration = StagePlan(stage_list, devices).duration_s if stage_list else 60.0
         tls = None
         if tls_ca or tls_cert or tls_key or tls_insecure or tls_server_name:
             tls = TLSSettings(
@@ -541,6 +555,7 @@ def run(
         password=password,
         source_addresses=tuple(a.strip() for a in (source_addresses or "").split(",") if a.strip()),
         tls=tls,
+        stages=stage_list,
     )
     worker_count = workers or default_workers(devices)
     console = Console(highlight=False, soft_wrap=True)

@@ -120,6 +120,41 @@ def test_run_spreads_a_fleet_over_several_workers(
     assert document["summary"]["connects"] == 40
 
 
+def test_run_with_stages_ramps_up_holds_and_ramps_down_for_their_total_time(
+    run_cli: RunCLI, tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    code, document, output = run_json(
+        run_cli,
+        tmp_path,
+        THERMOSTAT,
+        "--broker",
+        broker.url,
+        "--devices",
+        "10",
+        "--stages",
+        "1s:10,1s:100%,0.5s:0,1s:0",
+    )
+    assert code == 0, output
+    assert document["settings"]["duration_s"] == 3.5
+    summary = document["summary"]
+    assert summary["connects"] == 10
+    assert summary["disconnects"] == 0  # retired devices said DISCONNECT: not a loss
+    assert summary["devices_connected"] == 0
+
+
+@pytest.mark.parametrize(
+    ("stages", "quoted"),
+    [("30s:10,2x:10", "'2x'"), ("30s", "'30s'"), ("10s:50%%", "'50%%'")],
+)
+def test_run_with_stages_that_do_not_parse_exits_2_quoting_the_part(
+    run_cli: RunCLI, stages: str, quoted: str
+) -> None:
+    done = run_cli("run", THERMOSTAT, "--broker", "mqtt://127.0.0.1:1", "--stages", stages)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert quoted in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_run_reports_refused_devices_by_reason(run_cli: RunCLI, tmp_path: Path) -> None:
     binary = find_mosquitto()
     assert binary is not None

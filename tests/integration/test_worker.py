@@ -9,6 +9,7 @@ from broker_helpers import TIMEOUT_S as PAHO_TIMEOUT_S
 from broker_helpers import PahoClient
 
 from iotix.clock import WallClock
+from iotix.engine.stages import Stage
 from iotix.engine.worker import BrokerEndpoint, RunSettings, Worker
 from iotix.model.loader import load_model_data
 
@@ -35,6 +36,7 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 def worker_for(broker: MosquittoBroker, devices: int, **settings: Any) -> Worker:
+    on_connected = settings.pop("on_connected", None)
     return Worker(
         load_model_data(FAST_MODEL),
         range(devices),
@@ -46,7 +48,7 @@ def worker_for(broker: MosquittoBroker, devices: int, **settings: Any) -> Worker
             **settings,
         ),
         WallClock(),
-        **({"on_connected": settings.pop("on_connected")} if "on_connected" in settings else {}),
+        on_connected=on_connected,
     )
 
 
@@ -207,4 +209,107 @@ def test_a_reboot_command_drops_the_connection_until_the_device_is_back(
     back_row, back_at = ready[3]
     assert back_row == 1
     assert back_at - max(at for _, at in ready[:3]) >= 0.5
+    assert counters.reconciles(), counters.problems()
+
+
+STATUS_MODEL: dict[str, Any] = {
+    "name": "announcer",
+    "attributes": {"site": "north"},
+    "fields": {"n": {"kind": "counter"}},
+    "messages": {"telemetry": {"schedule": {"kind": "interval", "interval_s": 0.1}}},
+    "commands": {"handlers": {"reboot": {"offline_s": 0.3}}},
+    "connection": {
+        "will": {
+            "topic": "status/{site}/{device_id}",
+            "payload": {"kind": "text", "template": "offline"},
+            "qos": 1,
+        },
+        "birth": {
+            "topic": "status/{site}/{device_id}",
+            "payload": {"kind": "json", "template": {"online": "${online}", "site": "${site}"}},
+            "qos": 1,
+        },
+    },
+}
+
+
+def test_birth_on_every_connect_and_the_will_when_a_device_vanishes(
+    mosquitto: MosquittoBroker,
+) -> None:
+    ready: list[int] = []
+    paho = PahoClient()
+    paho.client.connect(mosquitto.host, mosquitto.port)
+    paho.client.loop_start()
+
+    async def scenario() -> Worker:
+        worker = Worker(
+            load_model_data(STATUS_MODEL),
+            range(2),
+            RunSettings(devices=2, brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),)),
+            WallClock(),
+            on_connected=lambda row, _at: ready.append(row),
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        await until(lambda: len(ready) == 2)
+        paho.client.publish(f"devices/{worker.batch.device_ids[0]}/commands/reboot", b"{}", 1)
+        await until(lambda: len(ready) == 3)
+        stop.set()
+        await running
+        return worker
+
+    try:
+        assert paho.connack.wait(PAHO_TIMEOUT_S)
+        paho.subscribe("status/#", 1)
+        worker = asyncio.run(scenario())
+        # Two births, then device 0's will (it vanished), then its second birth; the
+        # stop at the end sends DISCONNECT, so no other will.
+        seen = [paho.receive() for _ in range(4)]
+    finally:
+        paho.client.disconnect()
+        paho.client.loop_stop()
+    first, second = worker.batch.device_ids
+    births = [m for m in seen if m.payload != b"offline"]
+    wills = [m for m in seen if m.payload == b"offline"]
+    assert sorted(m.topic for m in births) == sorted(
+        [f"status/north/{first}", f"status/north/{second}", f"status/north/{first}"]
+    )
+    assert births[0].payload == b'{"online":true,"site":"north"}'
+    assert [m.topic for m in wills] == [f"status/north/{first}"]
+    assert seen.index(wills[0]) < max(i for i, m in enumerate(seen) if m.topic.endswith(first))
+    assert paho.messages.empty()
+    assert worker.counters.reconciles(), worker.counters.problems()
+
+
+def test_stages_connect_devices_in_index_order_and_retire_them_on_the_way_down(
+    mosquitto: MosquittoBroker,
+) -> None:
+    # Up to 6 devices over 0.6 s, hold 0.6 s, down to 2 over 0.6 s: devices 0-1 stay,
+    # 2-5 leave with DISCONNECT and do not come back.
+    connected_over_time: list[int] = []
+    order: list[int] = []
+
+    async def scenario() -> Worker:
+        worker = worker_for(
+            mosquitto,
+            6,
+            stages=(Stage(0.6, 6), Stage(0.6, 6), Stage(0.6, 2)),
+            on_connected=lambda row, _at: order.append(row),
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        await until(lambda: worker.connected == 6)
+        connected_over_time.append(worker.connected)
+        await until(lambda: worker.connected == 2)
+        await asyncio.sleep(0.5)  # a retired device would be back within its backoff
+        connected_over_time.append(worker.connected)
+        stop.set()
+        await running
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert order == [0, 1, 2, 3, 4, 5]
+    assert connected_over_time == [6, 2]
+    counters = worker.counters
+    assert (counters.connects, counters.disconnects, counters.reconnects) == (6, 0, 0)
     assert counters.reconciles(), counters.problems()

@@ -19,6 +19,7 @@ import logging
 import random
 import re
 import string
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -28,10 +29,12 @@ import orjson
 
 from iotix.adapters.mqtt import MQTTConnectError, MQTTConnection, open_connection
 from iotix.adapters.tls import TLSConfigError, TLSContextCache, TLSSettings
+from iotix.engine.stages import Stage, StagePlan
 from iotix.errors import IotixError, MQTTProtocolError
 from iotix.metrics import Counters, Histogram, Snapshot
+from iotix.model.connection import ConnectionTemplates
 from iotix.model.runtime import DeviceBatch, MessageKind
-from iotix.protocols.mqtt.packets import ProtocolVersion, QoS0Frames, Subscription
+from iotix.protocols.mqtt.packets import ProtocolVersion, QoS0Frames, Subscription, Will
 from iotix.protocols.mqtt.session import (
     DisconnectedEvent,
     MessageReceivedEvent,
@@ -118,6 +121,9 @@ class RunSettings:
     together (one sampling round, one write per connection). Schedule lag shows it."""
     tls: TLSSettings | None = None
     """TLS for ``mqtts://`` endpoints (default: verify against the system store)."""
+    stages: tuple[Stage, ...] = ()
+    """How many devices should be connected when (ramp up, hold, ramp down); none:
+    every device, from the start."""
 
 
 @dataclass
@@ -125,6 +131,8 @@ class _Device:
     row: int
     session: MQTTClientSession | None = None
     connection: MQTTConnection | None = None
+    wanted: bool = False
+    """Whether the stages want it connected now (always, without stages)."""
     attempts: int = 0
     sent_at: dict[int, tuple[float, float, int]] = field(default_factory=dict)
     """Packet id -> (sent at, due at, QoS) of each publish awaiting its ack."""
@@ -198,6 +206,8 @@ class Worker:
         commands = model.spec.commands
         self._commands = None if commands is None else _command_pattern(commands.topic)
         self._frames = QoS0Frames(settings.version)
+        self._connection = ConnectionTemplates(model.spec)
+        self._plan = StagePlan(settings.stages, settings.devices) if settings.stages else None
         self._topics: dict[tuple[MessageKind, str], list[bytes | None]] = {}
         uses_tls = any(endpoint.tls for endpoint in settings.brokers)
         self._tls = TLSContextCache(settings.tls or TLSSettings()) if uses_tls else None
@@ -408,15 +418,46 @@ class Worker:
     # --- connections ----------------------------------------------------------------
 
     async def _ramp(self) -> None:
-        """Start connecting the devices at ``connect_rate_hz``."""
-        start = self.clock.now_s()
-        rate = self.settings.connect_rate_hz
-        for device in self.devices:
-            due = start + device.row / rate
-            delay = due - self.clock.now_s()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self._spawn(self._connect(device), f"connect-{device.row}")
+        """Connect the devices the stages want (all of them without stages) at no more
+        than ``connect_rate_hz``, and disconnect those a ramp down retires."""
+        clock = self.clock
+        start = clock.now_s()
+        interval = 1.0 / self.settings.connect_rate_hz
+        plan = self._plan
+        wanted = np.zeros(self.batch.size, dtype=bool)
+        queue: deque[_Device] = deque()
+        slot = start  # when the next connection may start
+        while True:
+            now = clock.now_s()
+            target = (
+                self.batch.indices < plan.target_at(now - start)
+                if plan is not None
+                else np.ones(self.batch.size, dtype=bool)
+            )
+            for row in np.flatnonzero(wanted & ~target).tolist():
+                self._retire(self.devices[row])
+            for row in np.flatnonzero(target & ~wanted).tolist():
+                device = self.devices[row]
+                device.wanted = True
+                if device.connection is None:
+                    queue.append(device)
+            wanted = target
+            slot = max(slot, now - interval)  # no burst to make up for an idle spell
+            while queue and slot <= now:
+                device = queue.popleft()
+                if device.wanted and device.connection is None:
+                    self._spawn(self._connect(device), f"connect-{device.row}")
+                slot += interval
+            if plan is None and not queue:
+                return
+            wake = slot if queue else now + 0.1
+            await asyncio.sleep(max(wake - clock.now_s(), 0.0))
+
+    def _retire(self, device: _Device) -> None:
+        """A ramp down: DISCONNECT (the broker then drops the will) and stay away."""
+        device.wanted = False
+        if device.connection is not None and not device.connection.closed:
+            self._spawn(device.connection.disconnect(), f"retire-{device.row}")
 
     def _spawn(self, coroutine: Any, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -432,6 +473,7 @@ class Worker:
             return None if template is None else template.format(device_id=device_id, index=index)
 
         password = fill(settings.password)
+        will = self._connection.will(self.batch, device.row)
         return SessionSettings(
             client_id=device_id,
             version=settings.version,
@@ -439,11 +481,14 @@ class Worker:
             clean_start=settings.clean_start,
             username=fill(settings.username),
             password=None if password is None else password.encode(),
+            will=None if will is None else Will(will.topic, will.payload, will.qos, will.retain),
             max_inflight=settings.max_inflight,
         )
 
     async def _connect(self, device: _Device) -> None:
         """One device's connection: open it, live while it stays up, then come back."""
+        if not device.wanted or self._stopping:
+            return
         connection = await self._open(device)
         if connection is None:
             return
@@ -452,6 +497,7 @@ class Worker:
             topic_filter = self.batch.render(self._commands[0], device.row)
             with contextlib.suppress(MQTTConnectError):  # lost first: handled below
                 await connection.subscribe([Subscription(topic_filter, qos=1)])
+        self._birth(device, connection)
         if self._on_connected is not None and not connection.closed:
             self._on_connected(device.row, self.clock.now_s())  # ready for commands too
         await connection.wait_closed()
@@ -494,7 +540,23 @@ class Worker:
                 self._reconnect_later(device)
                 return None
         self.connect_latency.record(self.clock.now_s() - started)
+        if not device.wanted:  # retired by a ramp down while it connected
+            self._spawn(connection.disconnect(), f"retire-{device.row}")
         return connection
+
+    def _birth(self, device: _Device, connection: MQTTConnection) -> None:
+        """Publish the model's birth message, if it has one, on every new connection."""
+        birth = self._connection.birth(self.batch, device.row)
+        if birth is None or connection.closed:
+            return
+        now = self.clock.now_s()
+        packet_id = connection.publish(
+            birth.topic, birth.payload, qos=birth.qos, retain=birth.retain
+        )
+        self.counters.count_sent(birth.qos, len(birth.payload))
+        self.schedule_lag.record(0.0)
+        if packet_id is not None:
+            device.sent_at[packet_id] = (now, now, birth.qos)
 
     def _up(self, device: _Device, connection: MQTTConnection) -> None:
         counters = self.counters
@@ -513,7 +575,7 @@ class Worker:
         device.connection = None
         if self.settings.clean_start:
             self._fail_unacked(device)  # a clean session will not send them again
-        if self._stopping:
+        if self._stopping or not device.wanted:
             return
         self.counters.disconnects += 1
         back_at = float(self.batch.offline_until_s[device.row])
@@ -526,7 +588,8 @@ class Worker:
 
     async def _connect_at(self, device: _Device, at_s: float) -> None:
         await asyncio.sleep(max(at_s - self.clock.now_s(), 0.0))
-        await self._connect(device)
+        if device.connection is None:  # a ramp may have brought it back meanwhile
+            await self._connect(device)
 
     def _reboot(self) -> None:
         """Drop the connections of devices a command sent offline (``offline_s``), after

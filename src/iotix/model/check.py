@@ -12,6 +12,7 @@ import difflib
 from typing import TYPE_CHECKING
 
 from iotix.errors import ExpressionError, ReplayError
+from iotix.model.connection import check_connection
 from iotix.model.expr import compile_expression
 from iotix.model.generators import ReplayTable, template_names, value_bounds
 from iotix.model.spec import (
@@ -345,6 +346,7 @@ class _Checker:
 def check_model(spec: DeviceModelSpec, *, base_dir: Path | None = None) -> Iterator[Issue]:
     """Every cross-reference problem of ``spec``: (path, problem, hint)."""
     yield from _Checker(spec, base_dir).run()
+    yield from check_connection(spec)
 
 
 __all__ = ["check_model"]

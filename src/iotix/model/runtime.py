@@ -692,6 +692,11 @@ class DeviceBatch:
             outlet.topics[row] = topic
         return topic
 
+    def attribute(self, name: str, row: int) -> Any:
+        """One device's attribute as a plain Python value (KeyError if no such name)."""
+        value = self._attributes[name][row]
+        return value.item() if isinstance(value, np.generic) else value
+
     def render(self, template: str, row: int, **extra: Any) -> str:
         """A topic or path template for one device (static names only)."""
         values: dict[str, Any] = {

@@ -518,6 +518,49 @@ class CommandsSpec(Spec):
     handlers: dict[Identifier, CommandSpec] = Field(min_length=1)
 
 
+# --- the connection: last will and birth -------------------------------------------
+
+
+class ConnectionMessageSpec(Spec):
+    """A message tied to the connection rather than to a schedule: the last will, or the
+    birth message published right after each successful connect."""
+
+    topic: str = Field(
+        min_length=1,
+        description="Topic template over device_id, index, model and attributes.",
+    )
+    payload: PayloadSpec = Field(
+        default_factory=lambda: JSONPayloadSpec(kind="json"),
+        description="Default: JSON with device_id and online. Payloads read device_id, "
+        "index, model, online (false in the will, true in the birth) and attributes.",
+    )
+    qos: Literal[0, 1, 2] = 0
+    retain: bool = Field(
+        default=False, description="Retained, so a late subscriber sees the status too."
+    )
+
+    @field_validator("topic")
+    @classmethod
+    def _no_wildcards(cls, topic: str) -> str:
+        # A PUBLISH topic (and so a will topic) must not contain wildcards
+        # [MQTT-3.3.2-2]; a broker drops a CONNECT whose will topic has one.
+        if "+" in topic or "#" in topic:
+            raise ValueError(f"topic {topic!r} contains a wildcard (+ or #)")
+        return topic
+
+
+class ConnectionSpec(Spec):
+    """What a device says about its own connection."""
+
+    will: ConnectionMessageSpec | None = Field(
+        default=None,
+        description="Last will: sent by the broker if the device drops without DISCONNECT.",
+    )
+    birth: ConnectionMessageSpec | None = Field(
+        default=None, description="Published once right after every successful connect."
+    )
+
+
 class DeviceModelSpec(Spec):
     """One kind of device."""
 
@@ -540,6 +583,9 @@ class DeviceModelSpec(Spec):
     events: dict[Identifier, EventSpec] = Field(default_factory=dict)
     states: StateMachineSpec | None = None
     commands: CommandsSpec | None = None
+    connection: ConnectionSpec | None = Field(
+        default=None, description="Last will and birth messages."
+    )
 
 
 DEVICE_NAMES = frozenset({"device_id", "index", "model", "t", "ts", "ts_ms", "state", "state_s"})
@@ -549,3 +595,7 @@ MESSAGE_NAMES = frozenset({"seq", "message"})
 """Built-in names of one message, for payloads only."""
 
 BUILTIN_NAMES = DEVICE_NAMES | MESSAGE_NAMES
+
+CONNECTION_NAMES = frozenset({"device_id", "index", "model", "online"})
+"""Built-in names of a will or birth payload (besides the attributes); its topic has the
+same but ``online``."""

@@ -771,7 +771,10 @@ class QoS0Frames:
         """The topic name as it follows the fixed header (length, UTF-8, and in MQTT 5
         the empty property block). Raises :class:`MQTTProtocolError` for a topic no
         PUBLISH may carry. The caller keeps it: nothing is cached here."""
-        encoded = topic.encode()
+        try:
+            encoded = topic.encode()
+        except UnicodeEncodeError:  # a lone surrogate: MQTT-1.5.4-1 / 3.1.1 MQTT-1.5.3-1
+            raise _error("the topic is not valid UTF-8") from None
         version = _V5 if self._v5 else ProtocolVersion.V311
         encode_publish(encoded, b"", version=version)  # the checks, once per topic
         return _U16(len(encoded)) + encoded + (_EMPTY_PROPERTY_BLOCK if self._v5 else b"")
