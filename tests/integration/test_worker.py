@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import TYPE_CHECKING, Any
 
 from broker_helpers import TIMEOUT_S as PAHO_TIMEOUT_S
@@ -313,3 +315,49 @@ def test_stages_connect_devices_in_index_order_and_retire_them_on_the_way_down(
     counters = worker.counters
     assert (counters.connects, counters.disconnects, counters.reconnects) == (6, 0, 0)
     assert counters.reconciles(), counters.problems()
+
+
+def test_a_broker_that_stops_reading_backs_devices_up_and_nothing_buffers_without_bound(
+    mosquitto: MosquittoBroker,
+) -> None:
+    # A frozen broker (SIGSTOP) reads nothing: once the socket buffers are full the
+    # transport pushes back, and the device's messages are counted as not sent rather
+    # than queued in memory; when the broker runs again the device sends again.
+    model = {
+        "name": "firehose",
+        "fields": {"blob": {"kind": "constant", "value": "x" * 60_000}},
+        "messages": {"telemetry": {"schedule": {"kind": "interval", "interval_s": 0.005}}},
+    }
+
+    async def scenario() -> Worker:
+        worker = Worker(
+            load_model_data(model),
+            range(1),
+            RunSettings(devices=1, brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),)),
+            WallClock(),
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        await until(lambda: worker.connected == 1)
+        pid = mosquitto.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await until(lambda: worker.counters.errors_by_kind.get(BACKED_UP, 0) > 0)
+            connection = worker.devices[0].connection
+            assert connection is not None
+            assert not connection.writable
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await until(lambda: worker.devices[0].connection is not None and connection.writable)
+        sent = worker.counters.messages_sent
+        await until(lambda: worker.counters.messages_sent > sent + 10)
+        stop.set()
+        await running
+        return worker
+
+    worker = asyncio.run(scenario())
+    assert worker.counters.reconciles(), worker.counters.problems()
+
+
+BACKED_UP = "not sent: connection backed up"

@@ -68,6 +68,10 @@ class MQTTConnection(asyncio.Protocol):
         self.closed = False
         """True once the transport has closed, for whatever reason (an attribute, not a
         property: the engine reads it for every message it sends)."""
+        self.writable = True
+        """False while the transport's buffer is above its high-water mark (the peer
+        reads slower than we write) and once closed: a sender that respects it never
+        buffers without bound."""
 
     # --- asyncio.Protocol -----------------------------------------------------------
 
@@ -77,6 +81,12 @@ class MQTTConnection(asyncio.Protocol):
         self.session.connect()
         self._flush()
         self._arm_keepalive()
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = not self.closed
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -91,6 +101,7 @@ class MQTTConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.writable = False
         if self._timer is not None:
             self._timer.cancel()
         for event in self.session.connection_lost():

@@ -350,9 +350,8 @@ class Worker:
             zip(emission.rows, emission.payloads, strict=True)
         ):
             connection = devices[row].connection
-            if connection is None or connection.closed:
-                # The device is between connections: a real one would not send either.
-                self.counters.count_error("not sent: device not connected")
+            if connection is None or not connection.writable:
+                self._unwritable(connection)
                 skipped.append(position)
                 continue
             part = parts[row] if parts is not None else None
@@ -372,6 +371,15 @@ class Worker:
             else:
                 packets += (header, part, payload)
         return skipped
+
+    def _unwritable(self, connection: MQTTConnection | None) -> None:
+        if connection is None or connection.closed:
+            # The device is between connections: a real one would not send either.
+            self.counters.count_error("not sent: device not connected")
+        else:
+            # TCP pushes back (the broker reads slower than the devices send): like a
+            # device whose socket buffer is full, the message is dropped, and said so.
+            self.counters.count_error("not sent: connection backed up")
 
     def _topic_parts(self, emission: Emission) -> list[bytes | None] | None:
         """The encoded topic of each device for an outlet's emissions (a telemetry
@@ -450,18 +458,21 @@ class Worker:
 
     async def _ramp(self) -> None:
         """Connect the devices the stages want (all of them without stages) at no more
-        than ``connect_rate_hz``, and disconnect those a ramp down retires."""
+        than ``connect_rate_hz``, and disconnect those a ramp down retires.
+
+        The stages follow the run's clock; the pacing of new connections follows the
+        event loop's (a socket's time, whatever clock the devices run on)."""
         clock = self.clock
+        loop = asyncio.get_running_loop()
         start = clock.now_s()
         interval = 1.0 / self.settings.connect_rate_hz
         plan = self._plan
         wanted = np.zeros(self.batch.size, dtype=bool)
         queue: deque[_Device] = deque()
-        slot = start  # when the next connection may start
+        slot = loop.time()  # when the next connection may start
         while True:
-            now = clock.now_s()
             target = (
-                self.batch.indices < plan.target_at(now - start)
+                self.batch.indices < plan.target_at(clock.now_s() - start)
                 if plan is not None
                 else np.ones(self.batch.size, dtype=bool)
             )
@@ -473,6 +484,7 @@ class Worker:
                 if device.connection is None:
                     queue.append(device)
             wanted = target
+            now = loop.time()
             slot = max(slot, now - interval)  # no burst to make up for an idle spell
             while queue and slot <= now:
                 device = queue.popleft()
@@ -481,8 +493,7 @@ class Worker:
                 slot += interval
             if plan is None and not queue:
                 return
-            wake = slot if queue else now + 0.1
-            await asyncio.sleep(max(wake - clock.now_s(), 0.0))
+            await asyncio.sleep(max((slot if queue else now + 0.1) - loop.time(), 0.0))
 
     def _retire(self, device: _Device) -> None:
         """A ramp down: DISCONNECT (the broker then drops the will) and stay away."""
