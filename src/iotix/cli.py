@@ -441,7 +441,8 @@ def run(
     broker: Annotated[
         str,
         typer.Option(
-            help="Broker address(es): mqtt://host:port[,host:port...] (mqtts:// for TLS)."
+            help="Broker address(es): mqtt://host:port[,host:port...] (mqtts:// for TLS; "
+            "ws://host:port/path and wss:// for MQTT over WebSockets)."
         ),
     ],
     devices: Annotated[int, typer.Option(min=1, help="How many devices.")] = 10,

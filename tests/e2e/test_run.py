@@ -11,6 +11,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotix.testing import MosquittoBroker, find_mosquitto
+from iotix.testing.embedded import EmbeddedBroker
 
 if TYPE_CHECKING:
     import subprocess
@@ -153,6 +154,32 @@ def test_run_with_stages_that_do_not_parse_exits_2_quoting_the_part(
     assert done.returncode == 2, done.stdout + done.stderr
     assert quoted in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_run_over_websockets_with_a_probe_accounts_for_every_message(
+    run_cli: RunCLI, tmp_path: Path
+) -> None:
+    with EmbeddedBroker(websocket=True) as embedded:
+        code, document, output = run_json(
+            run_cli,
+            tmp_path,
+            THERMOSTAT,
+            "--broker",
+            embedded.ws_url,
+            "--devices",
+            "5",
+            "--duration",
+            "6",
+            "--probe",
+            "1",
+        )
+    assert code == 0, output
+    assert document["settings"]["brokers"] == [embedded.ws_url.replace("localhost", "127.0.0.1")]
+    summary = document["summary"]
+    assert summary["connects"] == 5
+    assert summary["messages_sent"] > 0
+    assert document["probe"]["received"] == summary["messages_sent"], document["probe"]
+    assert document["probe"]["lost"] == 0
 
 
 def test_run_reports_refused_devices_by_reason(run_cli: RunCLI, tmp_path: Path) -> None:

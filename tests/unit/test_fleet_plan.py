@@ -44,12 +44,24 @@ def test_broker_urls_parse_into_endpoints() -> None:
     )
 
 
+def test_websocket_urls_parse_with_their_path_defaulting_to_mqtt() -> None:
+    assert parse_brokers("ws://127.0.0.1:9001,127.0.0.2:9002/ws") == (
+        BrokerEndpoint("127.0.0.1", 9001, websocket_path="/mqtt"),
+        BrokerEndpoint("127.0.0.2", 9002, websocket_path="/ws"),
+    )
+    [secure] = parse_brokers("wss://broker.local")
+    assert secure == BrokerEndpoint("broker.local", 443, tls=True, websocket_path="/mqtt")
+    assert str(secure) == "wss://broker.local:443/mqtt"
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
         ("http://x:1", "unsupported broker scheme"),
         ("mqtt://x:port", "bad port"),
         ("mqtt://", "no broker"),
+        ("mqtt://x:1883/path", "needs ws:// or wss://"),
+        ("ws://x:80/mqtt?a=1", "no query"),
     ],
 )
 def test_bad_broker_urls_are_refused_with_the_reason(text: str, problem: str) -> None:

@@ -16,6 +16,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, Any, cast
 
+from iotix.adapters.websocket import create_websocket_connection
 from iotix.errors import IotixError, MQTTProtocolError
 from iotix.protocols.mqtt.session import (
     ConnectedEvent,
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
     from iotix.protocols.mqtt.session import Event
 
 logger = logging.getLogger(__name__)
+
+
+EARLY_ACKS = 1024
+"""Acknowledgements a connection without ``on_event`` keeps for a later wait_acked."""
 
 
 class MQTTConnectError(IotixError):
@@ -64,6 +69,9 @@ class MQTTConnection(asyncio.Protocol):
         self._connected: asyncio.Future[ConnectedEvent] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._waiters: dict[int, asyncio.Future[Any]] = {}
+        # Acknowledgements nobody waited for yet, for a later wait_acked (only without
+        # an on_event callback, which sees every event anyway); the latest few only.
+        self._early: dict[int, Any] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         """True once the transport has closed, for whatever reason (an attribute, not a
@@ -148,7 +156,12 @@ class MQTTConnection(asyncio.Protocol):
         return True
 
     async def wait_acked(self, packet_id: int) -> PublishAckedEvent:
-        """Wait for the acknowledgement of a QoS 1 or 2 message."""
+        """Wait for the acknowledgement of a QoS 1 or 2 message (one that came before
+        this call is returned at once, among the latest :data:`EARLY_ACKS` ones)."""
+        early = self._early.pop(packet_id, None)
+        if early is not None:
+            acked: PublishAckedEvent = early
+            return acked
         waiter = self._waiters.setdefault(packet_id, self._loop.create_future())
         result: PublishAckedEvent = await waiter
         return result
@@ -199,6 +212,10 @@ class MQTTConnection(asyncio.Protocol):
             waiter = self._waiters.pop(event.packet_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(event)
+            elif waiter is None and self._on_event is None and type(event) is PublishAckedEvent:
+                self._early[event.packet_id] = event
+                if len(self._early) > EARLY_ACKS:
+                    del self._early[next(iter(self._early))]
         elif isinstance(event, DisconnectedEvent) and event.reason_code == 0x8D:
             self.abort()  # keepalive expired: the session gave up on the server
         if self._on_event is not None:
@@ -251,9 +268,13 @@ async def open_connection(
     timeout_s: float = 10.0,
     session: MQTTClientSession | None = None,
     server_hostname: str | None = None,
+    websocket_path: str | None = None,
 ) -> MQTTConnection:
     """Connect and wait for the CONNACK. Raises :class:`MQTTConnectError` with the
     server's reason when it refuses, or with the socket error chained.
+
+    With ``websocket_path``, MQTT goes over a WebSocket at that path (``wss://`` when
+    ``ssl_context`` is given).
 
     Pass the ``session`` of a lost connection to reconnect it: with ``clean_start``
     off, its unacknowledged messages are sent again."""
@@ -262,15 +283,29 @@ async def open_connection(
     connection: MQTTConnection | None = None
     try:
         async with asyncio.timeout(timeout_s):
-            _, connection = await loop.create_connection(
-                lambda: MQTTConnection(session, on_event=on_event),
-                host,
-                port,
-                ssl=ssl_context,
-                local_addr=None if local_address is None else (local_address, 0),
-                # Only meaningful with TLS: asyncio refuses it otherwise.
-                server_hostname=server_hostname if ssl_context is not None else None,
-            )
+            local_addr = None if local_address is None else (local_address, 0)
+            if websocket_path is not None:
+                _, connection = await create_websocket_connection(
+                    lambda: MQTTConnection(session, on_event=on_event),
+                    host,
+                    port,
+                    path=websocket_path,
+                    ssl=ssl_context,
+                    server_hostname=server_hostname,
+                    local_addr=local_addr,
+                    # Ours fires first otherwise, and would blame the CONNACK.
+                    timeout_s=timeout_s * 0.9,
+                )
+            else:
+                _, connection = await loop.create_connection(
+                    lambda: MQTTConnection(session, on_event=on_event),
+                    host,
+                    port,
+                    ssl=ssl_context,
+                    local_addr=local_addr,
+                    # Only meaningful with TLS: asyncio refuses it otherwise.
+                    server_hostname=server_hostname if ssl_context is not None else None,
+                )
             await connection._connected  # noqa: SLF001 - the factory's own future
     except (MQTTConnectError, asyncio.CancelledError):
         # Refused, or the caller gave up (a run that stops while devices connect):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import uvloop
 
+from iotix.adapters.tls import TLSContextCache, TLSSettings
 from iotix.clock import WallClock
 from iotix.engine.probe import Probe
 from iotix.engine.worker import BrokerEndpoint, RunSettings, Worker
@@ -95,8 +96,24 @@ class ProbeThread:
     """The probe subscriber on a thread of its own, beside the supervisor's loop: it
     must be subscribed before the devices send, and read until they are done."""
 
-    def __init__(self, endpoint: BrokerEndpoint, sample: float) -> None:
-        self.probe = Probe(endpoint.host, endpoint.port, sample=sample, client_id="iotix-probe")
+    def __init__(
+        self, endpoint: BrokerEndpoint, sample: float, tls: TLSSettings | None = None
+    ) -> None:
+        context = None
+        if endpoint.tls:
+            tls = tls or TLSSettings()
+            if tls.per_device:  # the devices' own certificates are theirs: CA only
+                tls = replace(tls, cert_file=None, key_file=None)
+            context = TLSContextCache(tls).context_for("iotix-probe", 0)
+        self.probe = Probe(
+            endpoint.host,
+            endpoint.port,
+            sample=sample,
+            client_id="iotix-probe",
+            ssl_context=context,
+            server_hostname=tls.server_hostname if tls else None,
+            websocket_path=endpoint.websocket_path,
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="iotix-probe")
 
@@ -210,7 +227,7 @@ def run_fleet(
     that fraction of the devices."""
     probe = None
     if probe_sample is not None:
-        probe = ProbeThread(settings.brokers[0], probe_sample)
+        probe = ProbeThread(settings.brokers[0], probe_sample, settings.tls)
         probe.start()
     try:
         result = _run_workers(fleets, settings, workers=workers, on_snapshot=on_snapshot)

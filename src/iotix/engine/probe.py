@@ -40,6 +40,7 @@ from iotix.protocols.mqtt.packets import ProtocolVersion, Subscription
 from iotix.protocols.mqtt.session import MessageReceivedEvent, SessionSettings
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Callable
     from types import TracebackType
 
@@ -429,7 +430,13 @@ class Probe:
         client_id: str | None = None,
         version: ProtocolVersion = ProtocolVersion.V311,
         connect_timeout_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        websocket_path: str | None = None,
     ) -> None:
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname
+        self._websocket_path = websocket_path
         self._sample_buckets = sample_buckets(sample)
         self.host = host
         self.port = port
@@ -456,6 +463,9 @@ class Probe:
             self._settings,
             on_event=self._on_event,
             timeout_s=self._connect_timeout_s,
+            ssl_context=self._ssl_context,
+            server_hostname=self._server_hostname,
+            websocket_path=self._websocket_path,
         )
         self._connection = connection
         try:

@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
+DEFAULT_WEBSOCKET_PATH = "/mqtt"
 
 
 class RunConfigError(IotixError):
@@ -67,18 +68,28 @@ class BrokerEndpoint:
     host: str
     port: int
     tls: bool = False
+    websocket_path: str | None = None
+    """MQTT over WebSockets at this path (``ws://``, ``wss://``); None: plain TCP."""
 
     def __str__(self) -> str:
+        if self.websocket_path is not None:
+            scheme = "wss" if self.tls else "ws"
+            return f"{scheme}://{self.host}:{self.port}{self.websocket_path}"
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 def parse_brokers(text: str) -> tuple[BrokerEndpoint, ...]:
-    """``mqtt://host:port[,host:port...]`` (``mqtts://`` for TLS) into endpoints."""
+    """``mqtt://host:port[,host:port...]`` into endpoints: ``mqtts://`` for TLS,
+    ``ws://host:port/path`` and ``wss://`` for MQTT over WebSockets (path ``/mqtt`` by
+    default)."""
     scheme = "mqtt"
     if "://" in text:
         scheme, _, text = text.partition("://")
     if scheme not in DEFAULT_PORTS:
-        raise RunConfigError(f"unsupported broker scheme {scheme!r}; use mqtt:// or mqtts://")
+        raise RunConfigError(
+            f"unsupported broker scheme {scheme!r}; use mqtt://, mqtts://, ws:// or wss://"
+        )
+    websocket = scheme in ("ws", "wss")
     endpoints = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         parsed = urlsplit(f"//{part}")
@@ -88,7 +99,20 @@ def parse_brokers(text: str) -> tuple[BrokerEndpoint, ...]:
             raise RunConfigError(f"bad port in broker address {part!r}") from exc
         if not parsed.hostname:
             raise RunConfigError(f"no host in broker address {part!r}")
-        endpoints.append(BrokerEndpoint(parsed.hostname, port, tls=scheme == "mqtts"))
+        if parsed.query or parsed.fragment:
+            raise RunConfigError(f"a broker address has no query or fragment: {part!r}")
+        if parsed.path and not websocket:
+            raise RunConfigError(
+                f"a path in broker address {part!r} needs ws:// or wss:// (MQTT over WebSockets)"
+            )
+        endpoints.append(
+            BrokerEndpoint(
+                parsed.hostname,
+                port,
+                tls=scheme in ("mqtts", "wss"),
+                websocket_path=(parsed.path or DEFAULT_WEBSOCKET_PATH) if websocket else None,
+            )
+        )
     if not endpoints:
         raise RunConfigError("no broker address given")
     return tuple(endpoints)
@@ -569,6 +593,7 @@ class Worker:
                     session=device.session,
                     ssl_context=context,
                     server_hostname=settings.tls.server_hostname if settings.tls else None,
+                    websocket_path=endpoint.websocket_path,
                 )
             except TLSConfigError as exc:
                 # A device's own certificate is missing or broken: retrying will not help.

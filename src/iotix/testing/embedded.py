@@ -10,12 +10,19 @@ clients in other processes (the fleet's workers) while this thread runs the supe
         run_my_devices(broker.host, broker.port)  # or broker.url: mqtt://127.0.0.1:PORT
         print(broker.message_count, "messages published")
 
+``EmbeddedBroker(websocket=True)`` adds an MQTT-over-WebSocket listener on a second
+free port: ``broker.ws_url`` is ``ws://127.0.0.1:PORT/mqtt``.
+
 Facts worth knowing:
 
 - amqtt speaks MQTT 3.1.1 only: clients asking for 5.0 are refused. Anonymous clients
   are allowed; there are no users, no topic checks and no ``$SYS`` topics.
 - It is a pure-Python broker, good for a demo fleet, not for load tests: measure
   against Mosquitto (:class:`iotix.testing.MosquittoBroker`).
+- The WebSocket listener is amqtt's ``type: ws`` (served by the ``websockets`` library):
+  it requires the ``mqtt`` subprotocol and answers ``426 Upgrade Required`` to plain
+  HTTP, but it serves every path, not only ``/mqtt``. Debian's Mosquitto 2.0 is built
+  without WebSockets, so this is the broker to test MQTT over WebSockets against.
 - The port is picked by binding port 0 and passing the number to amqtt (it offers no
   public way to read back a port it chose itself). Another process can take the port in
   between; the start is then retried on a new port.
@@ -58,7 +65,7 @@ from amqtt.plugins.base import BasePlugin  # type: ignore[import-untyped]
 from iotix.errors import IotixError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from types import TracebackType
 
 __all__ = ["EmbeddedBroker", "EmbeddedBrokerError", "PublishCounterPlugin"]
@@ -106,6 +113,7 @@ class _Started:
     """What the broker's thread hands back once the broker listens."""
 
     port: int
+    ws_port: int | None
     counter: PublishCounterPlugin
 
 
@@ -123,7 +131,8 @@ class EmbeddedBroker:
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. A stopped
     broker can be started again (on a new port). ``start_timeout_s`` bounds the start,
-    ``stop_timeout_s`` the shutdown (amqtt's, then the thread's exit).
+    ``stop_timeout_s`` the shutdown (amqtt's, then the thread's exit). ``websocket``
+    adds a WebSocket listener (MQTT over WebSockets) on a port of its own.
     """
 
     def __init__(
@@ -132,11 +141,14 @@ class EmbeddedBroker:
         host: str = "127.0.0.1",
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 10.0,
+        websocket: bool = False,
     ) -> None:
         self._host = host
+        self._websocket = websocket
         self._start_timeout_s = start_timeout_s
         self._stop_timeout_s = stop_timeout_s
         self._port: int | None = None
+        self._ws_port: int | None = None
         self._counter: PublishCounterPlugin | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,8 +173,27 @@ class EmbeddedBroker:
     @property
     def url(self) -> str:
         """``mqtt://HOST:PORT``."""
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"mqtt://{host}:{self.port}"
+        return f"mqtt://{self._bracketed_host}:{self.port}"
+
+    @property
+    def ws_port(self) -> int:
+        """The WebSocket listener's port (a broker made with ``websocket=True``)."""
+        if not self._websocket:
+            raise EmbeddedBrokerError(
+                "the embedded broker has no WebSocket listener: make it with websocket=True"
+            )
+        if self._ws_port is None:
+            raise EmbeddedBrokerError("the embedded broker has not been started")
+        return self._ws_port
+
+    @property
+    def ws_url(self) -> str:
+        """``ws://HOST:PORT/mqtt`` (amqtt serves any path; ``/mqtt`` is the usual one)."""
+        return f"ws://{self._bracketed_host}:{self.ws_port}/mqtt"
+
+    @property
+    def _bracketed_host(self) -> str:
+        return f"[{self._host}]" if ":" in self._host else self._host
 
     # -- state -----------------------------------------------------------------------
 
@@ -254,6 +285,7 @@ class EmbeddedBroker:
             ) from failure
         assert handoff.started is not None  # noqa: S101 - set whenever `failure` is not
         self._port = handoff.started.port
+        self._ws_port = handoff.started.ws_port
         self._counter = handoff.started.counter
         _log.debug("embedded MQTT broker listening at %s", self.url)
 
@@ -313,28 +345,46 @@ class EmbeddedBroker:
 
     async def _serve(self, stop_requested: asyncio.Event, handoff: _Handoff) -> None:
         async with asyncio.timeout(self._start_timeout_s):
-            broker, port = await self._start_on_free_port()
+            broker, port, ws_port = await self._start_on_free_ports()
         try:
-            handoff.started = _Started(port=port, counter=_find_counter(broker))
+            handoff.started = _Started(port=port, ws_port=ws_port, counter=_find_counter(broker))
             handoff.ready.set()
             await stop_requested.wait()
         finally:
             async with asyncio.timeout(self._stop_timeout_s):
                 await broker.shutdown()
 
-    async def _start_on_free_port(self) -> tuple[Any, int]:
+    async def _start_on_free_ports(self) -> tuple[Any, int, int | None]:
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = _pick_port(self._host)
-            broker = Broker(_broker_config(self._host, port))
+            ports = _pick_ports(self._host, 2 if self._websocket else 1)
+            port, ws_port = ports[0], (ports[1] if self._websocket else None)
+            broker = Broker(_broker_config(self._host, port, ws_port))
+            broker._subscriptions = _SnapshotIterDict()  # noqa: SLF001 - see the class
             try:
                 await broker.start()
             except BrokerError as exc:
+                # A listener that did start before another failed stays open otherwise.
+                await _close_listeners(broker)
                 if not _is_port_taken(exc) or attempt == _PORT_ATTEMPTS:
                     raise
-                _log.debug("embedded broker lost the race for port %d; retrying", port)
+                _log.debug("embedded broker lost the race for ports %s; retrying", ports)
             else:
-                return broker, port
+                return broker, port, ws_port
         raise AssertionError("unreachable: the last attempt raises")  # pragma: no cover
+
+
+class _SnapshotIterDict(dict[str, Any]):
+    """A dict whose iteration walks a copy of its keys.
+
+    amqtt 0.12 walks its subscription table with an ``await`` inside the loop when a
+    client connects and retained messages exist (``Broker._handle_client_session``);
+    another client subscribing meanwhile ends that client's session with
+    "dictionary changed size during iteration". Devices publishing retained birth
+    messages while others subscribe to their commands hit it within seconds.
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().__iter__()))
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -350,14 +400,20 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return factory()
 
 
-def _broker_config(host: str, port: int) -> dict[str, Any]:
-    """amqtt's configuration: one TCP listener, anonymous access, our counter.
+def _broker_config(host: str, port: int, ws_port: int | None = None) -> dict[str, Any]:
+    """amqtt's configuration: one TCP listener (and a WebSocket one when *ws_port* is
+    given), anonymous access, our counter.
 
     Giving ``plugins`` replaces amqtt's defaults (packet and event loggers, and the
     ``$SYS`` plugin, whose use of ``psutil`` raises a DeprecationWarning in 0.12).
     """
+    listeners: dict[str, dict[str, Any]] = {
+        "default": {"type": "tcp", "bind": f"{host}:{port}"},
+    }
+    if ws_port is not None:
+        listeners["ws"] = {"type": "ws", "bind": f"{host}:{ws_port}"}
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "listeners": listeners,
         "plugins": {
             "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
             f"{PublishCounterPlugin.__module__}.{PublishCounterPlugin.__qualname__}": {},
@@ -372,12 +428,25 @@ def _find_counter(broker: Any) -> PublishCounterPlugin:
     raise EmbeddedBrokerError("amqtt did not load the message counter plugin")
 
 
-def _pick_port(host: str) -> int:
+def _pick_ports(host: str, count: int) -> list[int]:
+    """*count* distinct free ports: all sockets stay bound until every port is chosen."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(family))
+            sock.bind((host, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+async def _close_listeners(broker: Any) -> None:
+    """Close the listeners of a broker whose start failed. amqtt keeps them in the
+    private ``_servers`` and closes them only in ``shutdown``, which a broker that never
+    started refuses."""
+    for server in getattr(broker, "_servers", {}).values():
+        with contextlib.suppress(Exception):
+            await server.close_instance()
 
 
 def _is_port_taken(exc: BaseException) -> bool:
