@@ -361,3 +361,32 @@ def test_a_broker_that_stops_reading_backs_devices_up_and_nothing_buffers_withou
 
 
 BACKED_UP = "not sent: connection backed up"
+
+
+def test_the_keepalive_wheel_keeps_silent_devices_connected(mosquitto: MosquittoBroker) -> None:
+    # Mosquitto drops a client that sends nothing for 1.5 keepalive periods: devices
+    # that send once an hour stay connected only if their PINGREQs go out on time.
+    model = {
+        "name": "silent",
+        "fields": {"n": {"kind": "counter"}},
+        "messages": {"telemetry": {"schedule": {"kind": "interval", "interval_s": 3600}}},
+    }
+
+    async def scenario() -> Worker:
+        worker = Worker(
+            load_model_data(model),
+            range(5),
+            RunSettings(
+                devices=5,
+                brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),),
+                keepalive_s=1,
+                duration_s=8.0,  # Mosquitto checks keepalives every few seconds
+            ),
+            WallClock(),
+        )
+        await worker.run()
+        return worker
+
+    worker = asyncio.run(scenario())
+    counters = worker.counters
+    assert (counters.connects, counters.disconnects, counters.reconnects) == (5, 0, 0)

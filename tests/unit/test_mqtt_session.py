@@ -283,6 +283,31 @@ def test_sending_postpones_the_ping() -> None:
     assert peer.sent() == []
 
 
+def test_pings_follow_the_keepalive_when_writes_say_their_time() -> None:
+    # A PINGREQ written at 10 is the last write: the next one is due at 20, not a
+    # keepalive after the tick that noticed the write.
+    peer = connected(keepalive_s=10)
+    session = peer.session
+    session.tick(0.0)  # the CONNECT went out at 0
+    session.tick(10.0)
+    assert peer.reader.feed(session.data_to_send(10.0)) == [PingReq()]
+    peer.send(PingResp())
+    assert session.next_tick_s() == 20.0
+    session.tick(20.0)
+    assert peer.reader.feed(session.data_to_send(20.0)) == [PingReq()]
+
+
+def test_a_publish_written_at_a_time_postpones_the_ping_from_that_time() -> None:
+    peer = connected(keepalive_s=10)
+    session = peer.session
+    session.tick(0.0)
+    session.publish("t", b"x")
+    session.data_to_send(7.0)
+    assert session.next_tick_s() == 17.0
+    session.tick(16.9)
+    assert session.data_to_send(16.9) == b""
+
+
 def test_persistent_session_resends_unacked_with_dup_after_reconnect() -> None:
     peer = connected(clean_start=False)
     session = peer.session

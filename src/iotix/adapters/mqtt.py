@@ -53,15 +53,38 @@ class MQTTConnectError(IotixError):
 
 
 class MQTTConnection(asyncio.Protocol):
-    """One MQTT client connection. Build it with :func:`open_connection`."""
+    """One MQTT client connection. Build it with :func:`open_connection`.
+
+    With ``keepalive_timer`` (the default) it keeps itself alive on a timer of its own;
+    without, its owner calls :meth:`keepalive` when it says (a worker drives thousands
+    of connections from one wheel instead of a timer each).
+    """
+
+    __slots__ = (
+        "_closed",
+        "_connected",
+        "_early",
+        "_flush_scheduled",
+        "_loop",
+        "_on_event",
+        "_own_timer",
+        "_timer",
+        "_transport",
+        "_waiters",
+        "closed",
+        "session",
+        "writable",
+    )
 
     def __init__(
         self,
         session: MQTTClientSession,
         *,
         on_event: Callable[[Event], None] | None = None,
+        keepalive_timer: bool = True,
     ) -> None:
         self.session = session
+        self._own_timer = keepalive_timer
         self._on_event = on_event
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -71,7 +94,7 @@ class MQTTConnection(asyncio.Protocol):
         self._waiters: dict[int, asyncio.Future[Any]] = {}
         # Acknowledgements nobody waited for yet, for a later wait_acked (only without
         # an on_event callback, which sees every event anyway); the latest few only.
-        self._early: dict[int, Any] = {}
+        self._early: dict[int, Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.closed = False
         """True once the transport has closed, for whatever reason (an attribute, not a
@@ -88,7 +111,8 @@ class MQTTConnection(asyncio.Protocol):
         self._transport = cast("asyncio.Transport", transport)
         self.session.connect()
         self._flush()
-        self._arm_keepalive()
+        if self._own_timer:
+            self._arm_keepalive()
 
     def pause_writing(self) -> None:
         self.writable = False
@@ -158,7 +182,7 @@ class MQTTConnection(asyncio.Protocol):
     async def wait_acked(self, packet_id: int) -> PublishAckedEvent:
         """Wait for the acknowledgement of a QoS 1 or 2 message (one that came before
         this call is returned at once, among the latest :data:`EARLY_ACKS` ones)."""
-        early = self._early.pop(packet_id, None)
+        early = None if self._early is None else self._early.pop(packet_id, None)
         if early is not None:
             acked: PublishAckedEvent = early
             return acked
@@ -193,6 +217,10 @@ class MQTTConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def add_close_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the connection has closed (at once if it has)."""
+        self._closed.add_done_callback(lambda _: callback())
+
     async def wait_closed(self) -> None:
         # Shielded: a waiter that is cancelled must not mark the connection closed.
         await asyncio.shield(self._closed)
@@ -213,6 +241,8 @@ class MQTTConnection(asyncio.Protocol):
             if waiter is not None and not waiter.done():
                 waiter.set_result(event)
             elif waiter is None and self._on_event is None and type(event) is PublishAckedEvent:
+                if self._early is None:
+                    self._early = {}
                 self._early[event.packet_id] = event
                 if len(self._early) > EARLY_ACKS:
                     del self._early[next(iter(self._early))]
@@ -228,21 +258,29 @@ class MQTTConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        data = self.session.data_to_send()
+        data = self.session.data_to_send(self._loop.time())
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
-    def _arm_keepalive(self) -> None:
-        if self.session.settings.keepalive_s == 0:
-            return
-        events = self.session.tick(self._loop.time())
-        for event in events:
+    def keepalive(self, now_s: float) -> float | None:
+        """Keep the connection alive at ``now_s`` (the loop's time): PINGREQ when it is
+        due, give up when no PINGRESP came. Returns when to call again, or None once
+        there is nothing to keep alive (closed, or keepalive 0)."""
+        session = self.session
+        if self.closed or session.settings.keepalive_s == 0:
+            return None
+        for event in session.tick(now_s):
             self._dispatch(event)
         self._flush()
-        if self.session.state is SessionState.DISCONNECTED:
-            return
-        delay = max(self.session.next_tick_s() - self._loop.time(), 0.05)
-        self._timer = self._loop.call_later(delay, self._arm_keepalive)
+        if session.state is SessionState.DISCONNECTED:
+            return None
+        return session.next_tick_s()
+
+    def _arm_keepalive(self) -> None:
+        at = self.keepalive(self._loop.time())
+        if at is not None:
+            delay = max(at - self._loop.time(), 0.05)
+            self._timer = self._loop.call_later(delay, self._arm_keepalive)
 
 
 def _lost_reason(exc: Exception | None) -> str:
@@ -269,6 +307,7 @@ async def open_connection(
     session: MQTTClientSession | None = None,
     server_hostname: str | None = None,
     websocket_path: str | None = None,
+    keepalive_timer: bool = True,
 ) -> MQTTConnection:
     """Connect and wait for the CONNACK. Raises :class:`MQTTConnectError` with the
     server's reason when it refuses, or with the socket error chained.
@@ -286,7 +325,9 @@ async def open_connection(
             local_addr = None if local_address is None else (local_address, 0)
             if websocket_path is not None:
                 _, connection = await create_websocket_connection(
-                    lambda: MQTTConnection(session, on_event=on_event),
+                    lambda: MQTTConnection(
+                        session, on_event=on_event, keepalive_timer=keepalive_timer
+                    ),
                     host,
                     port,
                     path=websocket_path,
@@ -298,7 +339,9 @@ async def open_connection(
                 )
             else:
                 _, connection = await loop.create_connection(
-                    lambda: MQTTConnection(session, on_event=on_event),
+                    lambda: MQTTConnection(
+                        session, on_event=on_event, keepalive_timer=keepalive_timer
+                    ),
                     host,
                     port,
                     ssl=ssl_context,

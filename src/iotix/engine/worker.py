@@ -17,11 +17,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import random
 import re
 import string
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -151,15 +152,21 @@ class RunSettings:
     every device, from the start."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Device:
     row: int
     session: MQTTClientSession | None = None
     connection: MQTTConnection | None = None
     wanted: bool = False
     """Whether the stages want it connected now (always, without stages)."""
+
+    def awaiting_ack(self, packet_id: int, sent_s: float, due_s: float, qos: int) -> None:
+        if self.sent_at is None:
+            self.sent_at = {}
+        self.sent_at[packet_id] = (sent_s, due_s, qos)
+
     attempts: int = 0
-    sent_at: dict[int, tuple[float, float, int]] = field(default_factory=dict)
+    sent_at: dict[int, tuple[float, float, int]] | None = None
     """Packet id -> (sent at, due at, QoS) of each publish awaiting its ack."""
 
 
@@ -249,6 +256,7 @@ class Worker:
         self._stopping = False
         self._nudge = asyncio.Event()
         self._rebooting: list[_Device] = []
+        self._wheel: dict[int, list[MQTTConnection]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._endpoint_slots = [
             asyncio.Semaphore(settings.connect_concurrency) for _ in settings.brokers
@@ -279,6 +287,7 @@ class Worker:
         helpers = [
             asyncio.create_task(self._ramp(), name=f"{name}-ramp"),
             asyncio.create_task(self._report(), name=f"{name}-report"),
+            asyncio.create_task(self._keepalive(), name=f"{name}-keepalive"),
             asyncio.create_task(self._relay(stop), name=f"{name}-stop"),
         ]
         try:
@@ -322,6 +331,27 @@ class Worker:
             schedule_lag=self.schedule_lag,
             intended_latency=self.intended_latency,
         )
+
+    def _keep_alive_at(self, connection: MQTTConnection, at_s: float) -> None:
+        """Put a connection on the keepalive wheel for the second after ``at_s``."""
+        self._wheel.setdefault(math.ceil(at_s), []).append(connection)
+
+    async def _keepalive(self) -> None:
+        """One wheel of one-second slots keeps every connection alive: each connection
+        is visited when its keepalive falls due (PINGREQ after ``keepalive_s`` without
+        sending), not polled, and a closed one simply drops off."""
+        loop = asyncio.get_running_loop()
+        second = math.floor(loop.time())
+        wheel = self._wheel
+        while True:
+            await asyncio.sleep(max(second + 1 - loop.time(), 0.0))
+            now = loop.time()
+            while second <= now:
+                for connection in wheel.pop(second, ()):
+                    at = connection.keepalive(now)
+                    if at is not None:
+                        wheel.setdefault(max(math.ceil(at), second + 1), []).append(connection)
+                second += 1
 
     async def _relay(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -463,7 +493,7 @@ class Worker:
                 skipped.append(position)
                 continue
             if packet_id is not None:
-                device.sent_at[packet_id] = (now, due, qos)
+                device.awaiting_ack(packet_id, now, due, qos)
         return skipped
 
     def _account(self, emission: Emission, qos: int, now: float, skipped: list[int]) -> None:
@@ -559,15 +589,17 @@ class Worker:
         if connection is None:
             return
         self._up(device, connection)
+        # No task waits for the connection to close: a callback does, and the
+        # keepalive wheel keeps it alive (a task and a timer per device cost 3 KB).
+        connection.add_close_callback(lambda: self._down(device))
+        self._keep_alive_at(connection, asyncio.get_running_loop().time())
         if self._commands is not None:
             topic_filter = self.batch.render(self._commands[0], device.row)
-            with contextlib.suppress(MQTTConnectError):  # lost first: handled below
+            with contextlib.suppress(MQTTConnectError):  # lost first: _down ran
                 await connection.subscribe([Subscription(topic_filter, qos=1)])
         self._birth(device, connection)
         if self._on_connected is not None and not connection.closed:
             self._on_connected(device.row, self.clock.now_s())  # ready for commands too
-        await connection.wait_closed()
-        self._down(device)
 
     async def _open(self, device: _Device) -> MQTTConnection | None:
         """One attempt; None when it failed (a retry is then scheduled if it may help)."""
@@ -594,6 +626,7 @@ class Worker:
                     ssl_context=context,
                     server_hostname=settings.tls.server_hostname if settings.tls else None,
                     websocket_path=endpoint.websocket_path,
+                    keepalive_timer=False,
                 )
             except TLSConfigError as exc:
                 # A device's own certificate is missing or broken: retrying will not help.
@@ -623,7 +656,7 @@ class Worker:
         self.counters.count_sent(birth.qos, len(birth.payload))
         self.schedule_lag.record(0.0)
         if packet_id is not None:
-            device.sent_at[packet_id] = (now, now, birth.qos)
+            device.awaiting_ack(packet_id, now, now, birth.qos)
 
     def _up(self, device: _Device, connection: MQTTConnection) -> None:
         counters = self.counters
@@ -667,9 +700,10 @@ class Worker:
         self._rebooting.clear()
 
     def _fail_unacked(self, device: _Device) -> None:
-        for _, _, qos in device.sent_at.values():
-            self.counters.count_failed(qos)
-        device.sent_at.clear()
+        if device.sent_at:
+            for _, _, qos in device.sent_at.values():
+                self.counters.count_failed(qos)
+            device.sent_at.clear()
 
     def _reconnect_later(self, device: _Device) -> None:
         if self._stopping:
@@ -703,7 +737,7 @@ class Worker:
     def _on_event(self, device: _Device, event: Event) -> None:
         counters = self.counters
         if isinstance(event, PublishAckedEvent):
-            sent = device.sent_at.pop(event.packet_id, None)
+            sent = None if device.sent_at is None else device.sent_at.pop(event.packet_id, None)
             if event.reason_code >= 0x80:
                 counters.count_failed(event.qos)
                 counters.count_error(f"publish refused: {reason_name(event.reason_code)}")
