@@ -280,3 +280,39 @@ def test_mosquitto_drops_a_client_that_sends_a_malformed_packet(
         await asyncio.wait_for(connection.wait_closed(), TIMEOUT_S)
 
     asyncio.run(scenario())
+
+
+def test_connections_from_source_addresses_come_from_those_addresses(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async def scenario() -> None:
+        for address in ("127.0.0.7", "127.0.0.8"):
+            connection = await open_connection(
+                mosquitto.host,
+                mosquitto.port,
+                SessionSettings(client_id=f"src-{address}"),
+                local_address=address,
+                timeout_s=TIMEOUT_S,
+            )
+            await connection.disconnect()
+
+    asyncio.run(scenario())
+    log = mosquitto.log_text()
+    assert "New connection from 127.0.0.7" in log
+    assert "New connection from 127.0.0.8" in log
+
+
+def test_a_source_address_that_is_not_local_is_a_clear_connect_error(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async def scenario() -> None:
+        await open_connection(
+            mosquitto.host,
+            mosquitto.port,
+            SessionSettings(client_id="nowhere"),
+            local_address="192.0.2.1",  # TEST-NET-1: no interface has it
+            timeout_s=TIMEOUT_S,
+        )
+
+    with pytest.raises(MQTTConnectError, match="cannot connect"):
+        asyncio.run(scenario())

@@ -89,7 +89,12 @@ def per_device_settings(pki: Path) -> TLSSettings:
     )
 
 
-def publish_once(broker: MosquittoBroker, device_id: str, context: ssl.SSLContext) -> None:
+def publish_once(
+    broker: MosquittoBroker,
+    device_id: str,
+    context: ssl.SSLContext,
+    local_address: str | None = None,
+) -> None:
     """Connect over TLS as ``device_id``, publish one QoS 1 message, wait for its PUBACK."""
 
     async def scenario() -> None:
@@ -98,6 +103,7 @@ def publish_once(broker: MosquittoBroker, device_id: str, context: ssl.SSLContex
             broker.tls_port,
             SessionSettings(client_id=device_id),
             ssl_context=context,
+            local_address=local_address,
             timeout_s=TIMEOUT_S,
         )
         packet_id = connection.publish(f"iotix-test/tls/{device_id}", b"hello", qos=1)
@@ -113,6 +119,16 @@ def test_a_device_trusting_the_ca_file_publishes_over_tls(
 ) -> None:
     cache = TLSContextCache(TLSSettings(ca_file=pki / "ca.pem"))
     publish_once(tls_broker, "dev-0", cache.context_for("dev-0", 0))
+
+
+def test_tls_from_a_source_address_still_verifies_the_broker_name(
+    tls_broker: MosquittoBroker, pki: Path
+) -> None:
+    # With a source address the socket is connected first and handed to TLS, which
+    # must still check the certificate against the host name.
+    cache = TLSContextCache(TLSSettings(ca_file=pki / "ca.pem"))
+    publish_once(tls_broker, "dev-src", cache.context_for("dev-src", 0), "127.0.0.9")
+    assert "New connection from 127.0.0.9" in tls_broker.log_text()
 
 
 def test_a_device_without_the_ca_fails_server_verification(tls_broker: MosquittoBroker) -> None:

@@ -16,6 +16,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, Any, cast
 
+from iotix.adapters.net import create_stream
 from iotix.adapters.websocket import create_websocket_connection
 from iotix.errors import IotixError, MQTTProtocolError
 from iotix.protocols.mqtt.session import (
@@ -317,12 +318,10 @@ async def open_connection(
 
     Pass the ``session`` of a lost connection to reconnect it: with ``clean_start``
     off, its unacknowledged messages are sent again."""
-    loop = asyncio.get_running_loop()
     session = session or MQTTClientSession(settings)
     connection: MQTTConnection | None = None
     try:
         async with asyncio.timeout(timeout_s):
-            local_addr = None if local_address is None else (local_address, 0)
             if websocket_path is not None:
                 _, connection = await create_websocket_connection(
                     lambda: MQTTConnection(
@@ -333,21 +332,20 @@ async def open_connection(
                     path=websocket_path,
                     ssl=ssl_context,
                     server_hostname=server_hostname,
-                    local_addr=local_addr,
+                    local_address=local_address,
                     # Ours fires first otherwise, and would blame the CONNACK.
                     timeout_s=timeout_s * 0.9,
                 )
             else:
-                _, connection = await loop.create_connection(
+                _, connection = await create_stream(
                     lambda: MQTTConnection(
                         session, on_event=on_event, keepalive_timer=keepalive_timer
                     ),
                     host,
                     port,
                     ssl=ssl_context,
-                    local_addr=local_addr,
-                    # Only meaningful with TLS: asyncio refuses it otherwise.
-                    server_hostname=server_hostname if ssl_context is not None else None,
+                    server_hostname=server_hostname,
+                    local_address=local_address,
                 )
             await connection._connected  # noqa: SLF001 - the factory's own future
     except (MQTTConnectError, asyncio.CancelledError):

@@ -28,6 +28,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from iotix.adapters.net import create_stream
 from iotix.errors import IotixError
 from iotix.protocols.websocket import (
     CLOSE_NO_STATUS,
@@ -286,7 +287,7 @@ async def create_websocket_connection(
     path: str = "/mqtt",
     ssl: SSLContext | None = None,
     server_hostname: str | None = None,
-    local_addr: tuple[str, int] | None = None,
+    local_address: str | None = None,
     timeout_s: float = 10.0,
     close_timeout_s: float = 5.0,
 ) -> tuple[asyncio.Transport, _ProtocolT]:
@@ -298,6 +299,8 @@ async def create_websocket_connection(
     accepted the Upgrade (subprotocol ``mqtt``). *server_hostname* is the TLS server
     name (only with *ssl*) and the ``Host`` header (*host* otherwise). *timeout_s*
     bounds the TCP connection, the TLS handshake and the Upgrade together.
+    *local_address* is the source address (bound as :func:`~iotix.adapters.net.create_stream`
+    does).
     ``transport.close()`` sends a close frame and closes TCP once the server has
     answered it, or after *close_timeout_s*.
 
@@ -317,17 +320,17 @@ async def create_websocket_connection(
     deadline = asyncio.timeout(timeout_s)
     try:
         async with deadline:
-            tcp, _ = await loop.create_connection(
+            stream, _ = await create_stream(
                 lambda: _WebSocketProtocol(
                     codec, protocol_factory, opened, close_timeout_s=close_timeout_s
                 ),
                 host,
                 port,
                 ssl=ssl,
-                # Only meaningful with TLS: asyncio refuses it otherwise.
-                server_hostname=server_hostname if ssl is not None else None,
-                local_addr=local_addr,
+                server_hostname=server_hostname,
+                local_address=local_address,
             )
+            tcp = cast("asyncio.Transport", stream)
             transport, protocol = await opened
     except WebSocketError as exc:
         status = exc.status_code if isinstance(exc, WebSocketHandshakeError) else None
