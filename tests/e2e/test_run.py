@@ -301,11 +301,13 @@ def test_a_worker_that_dies_is_reported_and_the_run_fails(
     )
     try:
         telemetry.get(timeout=30)  # the workers are up and sending
-        workers = [
+        # Workers are forked by multiprocessing's fork server, a child of the run.
+        [server] = [
             child
-            for child in psutil.Process(process.pid).children(recursive=True)
-            if "spawn_main" in " ".join(child.cmdline())
+            for child in psutil.Process(process.pid).children()
+            if "forkserver" in " ".join(child.cmdline())
         ]
+        workers = server.children()
         assert len(workers) == 2
         workers[0].kill()
         output, _ = process.communicate(timeout=60)
