@@ -145,6 +145,9 @@ class RunSettings:
     tick_s: float = 0.02
     """Shortest sleep between send rounds: messages due within one tick go out
     together (one sampling round, one write per connection). Schedule lag shows it."""
+    max_tick_s: float = 0.1
+    """Longest: a worker whose rounds carry few messages (many devices sending
+    rarely) lengthens its tick up to this, because each round has a fixed cost."""
     tls: TLSSettings | None = None
     """TLS for ``mqtts://`` endpoints (default: verify against the system store)."""
     stages: tuple[Stage, ...] = ()
@@ -193,6 +196,25 @@ def _collected_rarely() -> Iterator[None]:
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
+
+
+ROUND_MESSAGES = (64, 512)
+"""A send round with fewer messages than the first lengthens the tick by a quarter
+(up to ``max_tick_s``); one with more than the second shortens it by a fifth (down to
+``tick_s``)."""
+
+
+def _next_tick(tick: float, messages: int, settings: RunSettings) -> float:
+    if messages < ROUND_MESSAGES[0]:
+        return min(tick * 1.25, max(settings.max_tick_s, settings.tick_s))
+    if messages > ROUND_MESSAGES[1]:
+        return max(tick * 0.8, settings.tick_s)
+    return tick
+
+
+def _wake(waiting: asyncio.Future[None] | None) -> None:
+    if waiting is not None and not waiting.done():
+        waiting.set_result(None)
 
 
 def _command_pattern(template: str) -> tuple[str, re.Pattern[str]]:
@@ -254,7 +276,7 @@ class Worker:
         self._on_connected = on_connected
         self._random = random.Random(f"{settings.seed}:worker:{worker_id}")  # noqa: S311 - jitter
         self._stopping = False
-        self._nudge = asyncio.Event()
+        self._wakeup: asyncio.Future[None] | None = None
         self._rebooting: list[_Device] = []
         self._wheel: dict[int, list[MQTTConnection]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -290,24 +312,30 @@ class Worker:
             asyncio.create_task(self._keepalive(), name=f"{name}-keepalive"),
             asyncio.create_task(self._relay(stop), name=f"{name}-stop"),
         ]
+        loop = asyncio.get_running_loop()
+        tick = settings.tick_s
         try:
             while not stop.is_set():
                 now = self.clock.now_s()
                 if deadline is not None and now >= deadline:
                     break
-                self._send(self.batch.advance_emissions(now))
+                emissions = self.batch.advance_emissions(now)
+                self._send(emissions)
                 if self._rebooting:
                     self._reboot()
+                tick = _next_tick(tick, sum(len(e.rows) for e in emissions), settings)
                 # At least one tick between rounds: a round per distinct due time would
                 # cost a numpy round and a write per message at ordinary rates.
-                wake = max(min(self.batch.next_due_s(), now + 0.25), now + settings.tick_s)
+                wake = max(min(self.batch.next_due_s(), now + 0.25), now + tick)
                 if deadline is not None:
                     wake = min(wake, deadline)
                 # Sleep until the next due message, unless a command queued a reply or
-                # the run is stopped first.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nudge.wait(), max(wake - self.clock.now_s(), 0.0))
-                self._nudge.clear()
+                # the run is stopped first (see _nudge).
+                self._wakeup = waiting = loop.create_future()
+                timer = loop.call_later(max(wake - self.clock.now_s(), 0.0), _wake, waiting)
+                await waiting
+                timer.cancel()
+                self._wakeup = None
         finally:
             self._stopping = True
             for task in [*helpers, *self._tasks]:
@@ -355,7 +383,11 @@ class Worker:
 
     async def _relay(self, stop: asyncio.Event) -> None:
         await stop.wait()
-        self._nudge.set()
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """End the send loop's sleep now (a reply is due, or the run stops)."""
+        _wake(self._wakeup)
 
     async def _report(self) -> None:
         while True:
@@ -768,7 +800,7 @@ class Worker:
         now = self.clock.now_s()
         try:
             self.batch.handle_command(device.row, match["command"], payload, now)
-            self._nudge.set()  # its reply may be due sooner than the loop would wake
+            self._nudge()  # its reply may be due sooner than the loop would wake
             if self.batch.offline_until_s[device.row] > now:
                 self._rebooting.append(device)
         except IotixError as exc:
