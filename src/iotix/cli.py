@@ -7,6 +7,7 @@ here, at the edge; the core raises only :mod:`iotix.errors`.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import sys
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from rich.table import Table
 
 from iotix import __version__
 from iotix.adapters.tls import TLSContextCache, TLSSettings
-from iotix.engine.fleet import FleetPlan, FleetResult, default_workers, run_fleet
+from iotix.engine.fleet import FleetPlan, FleetResult, WorkerDeath, default_workers, run_fleet
 from iotix.engine.results import results_document, summarise
 from iotix.engine.stages import StagePlan, parse_stages
 from iotix.engine.worker import RunConfigError, RunSettings, parse_brokers
@@ -35,6 +36,12 @@ from iotix.preview import PlannedCommand, Preview, preview_model
 from iotix.protocols.mqtt.packets import ProtocolVersion
 from iotix.schema import model_schema
 from iotix.testing.embedded import EmbeddedBroker
+
+
+class OnWorkerDeath(enum.Enum):
+    FAIL = "fail"
+    CONTINUE = "continue"
+
 
 EXIT_INVALID = 2
 EXIT_RUN_FAILED = 3
@@ -402,6 +409,7 @@ def _run_live(
     *,
     workers: int,
     probe_sample: float | None,
+    on_worker_death: WorkerDeath = "fail",
 ) -> tuple[FleetResult, TimeSeries, dict[str, Any]]:
     """Run the fleets behind the live view, then print the end summary."""
     devices = sum(fleet.devices for fleet in fleets)
@@ -415,7 +423,12 @@ def _run_live(
             live.update(_live_table(snapshot, row, devices))
 
         outcome = run_fleet(
-            fleets, settings, workers=workers, on_snapshot=show, probe_sample=probe_sample
+            fleets,
+            settings,
+            workers=workers,
+            on_snapshot=show,
+            probe_sample=probe_sample,
+            on_worker_death=on_worker_death,
         )
     summary = summarise(outcome.snapshot)
     _print_summary(console, summary, outcome.worker_errors)
@@ -507,6 +520,13 @@ def run(
     results: Annotated[
         Path | None, typer.Option(help="Write the results (JSON) to this file.")
     ] = None,
+    on_worker_death: Annotated[
+        OnWorkerDeath,
+        typer.Option(
+            help="A worker process that dies: 'fail' stops the run at once (exit code 3); "
+            "'continue' runs the other workers to the end and reports it.",
+        ),
+    ] = OnWorkerDeath.FAIL,
 ) -> None:
     """Run a fleet of MODEL devices against MQTT brokers, with a live view.
 
@@ -572,6 +592,7 @@ def run(
         settings,
         workers=worker_count,
         probe_sample=probe,
+        on_worker_death=on_worker_death.value,
     )
     if results is not None:
         document = results_document(
@@ -584,7 +605,8 @@ def run(
         )
         results.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | JSON_OPTIONS))
         console.print(f"  results: {escape(str(results))}")
-    if outcome.worker_errors or summary["connects"] == 0:
+    died = outcome.worker_errors and on_worker_death is OnWorkerDeath.FAIL
+    if died or summary["connects"] == 0:
         raise typer.Exit(EXIT_RUN_FAILED)
 
 

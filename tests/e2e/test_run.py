@@ -281,8 +281,17 @@ def test_ctrl_c_stops_the_run_gracefully_with_its_figures(
     assert b"Traceback" not in output
 
 
-def test_a_worker_that_dies_is_reported_and_the_run_fails(
-    tmp_path: Path, broker: MosquittoBroker, telemetry: queue.Queue[bytes]
+@pytest.mark.parametrize(
+    ("policy", "code", "stops_early"), [("fail", 3, True), ("continue", 0, False)]
+)
+def test_a_worker_that_dies_is_reported_and_the_run_fails_or_goes_on_by_option(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    telemetry: queue.Queue[bytes],
+    policy: str,
+    code: int,
+    *,
+    stops_early: bool,
 ) -> None:
     import os  # noqa: PLC0415 - only these tests manage processes
     import subprocess  # noqa: PLC0415
@@ -292,7 +301,8 @@ def test_a_worker_that_dies_is_reported_and_the_run_fails(
 
     results = tmp_path / "results.json"
     command = [sys.executable, "-m", "iotix", "run", THERMOSTAT, "--broker", broker.url]
-    command += ["--devices", "20", "--workers", "2", "--duration", "10"]
+    command += ["--devices", "20", "--workers", "2", "--duration", "8"]
+    command += ["--on-worker-death", policy]
     process = subprocess.Popen(
         [*command, "--results", str(results)],
         stdout=subprocess.PIPE,
@@ -314,7 +324,10 @@ def test_a_worker_that_dies_is_reported_and_the_run_fails(
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 3, output.decode()
+    assert process.returncode == code, output.decode()
     document = json.loads(results.read_text(encoding="utf-8"))
     assert any("died" in error for error in document["worker_errors"])
     assert b"died" in output
+    # The surviving worker's clock: cut short when the run fails, the full 8 s else.
+    last_second = document["time_series"][-1]["at_s"]
+    assert (last_second < 7) is stops_early, last_second

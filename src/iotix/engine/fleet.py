@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import uvloop
 
@@ -80,6 +80,10 @@ def _raise_open_file_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+WorkerDeath = Literal["fail", "continue"]
+"""What a run does when a worker process dies: stop the others at once, or go on."""
 
 
 @dataclass
@@ -222,16 +226,29 @@ def run_fleet(
     workers: int,
     on_snapshot: Callable[[Snapshot], None] | None = None,
     probe_sample: float | None = None,
+    on_worker_death: WorkerDeath = "fail",
+    stop: threading.Event | None = None,
 ) -> FleetResult:
-    """Run the fleets in about ``workers`` processes until the duration ends or Ctrl-C.
+    """Run the fleets in about ``workers`` processes until the duration ends, Ctrl-C,
+    or ``stop`` is set (then every worker disconnects its devices and reports).
+
     With ``probe_sample``, a probe subscriber on the first broker checks delivery for
-    that fraction of the devices."""
+    that fraction of the devices. A worker that dies is reported in
+    ``worker_errors``; with ``on_worker_death="fail"`` the others are stopped at once,
+    with ``"continue"`` they run on to the end."""
     probe = None
     if probe_sample is not None:
         probe = ProbeThread(settings.brokers[0], probe_sample, settings.tls)
         probe.start()
     try:
-        result = _run_workers(fleets, settings, workers=workers, on_snapshot=on_snapshot)
+        result = _run_workers(
+            fleets,
+            settings,
+            workers=workers,
+            on_snapshot=on_snapshot,
+            on_worker_death=on_worker_death,
+            stop=stop,
+        )
     finally:
         summary = probe.stop() if probe is not None else None
     if probe is not None:
@@ -313,6 +330,14 @@ class _Supervisor:
             f"{Path(job.model_path).name} are counted up to its last snapshot"
         )
 
+    def finish(self, timeout_s: float = 30.0) -> None:
+        """Stop every worker and take in their final snapshots (at most ``timeout_s``)."""
+        self.stop_all()
+        deadline = time.monotonic() + timeout_s
+        while self.readers and time.monotonic() < deadline:
+            with contextlib.suppress(KeyboardInterrupt):
+                self.collect(0.5)
+
     def stop_all(self) -> None:
         for control in self.controls:
             with contextlib.suppress(OSError):
@@ -337,20 +362,22 @@ def _run_workers(
     *,
     workers: int,
     on_snapshot: Callable[[Snapshot], None] | None,
+    on_worker_death: WorkerDeath,
+    stop: threading.Event | None,
 ) -> FleetResult:
     supervisor = _Supervisor(plan_jobs(fleets, settings, workers), on_snapshot)
     interrupted = False
     try:
         while supervisor.readers:
             supervisor.collect(0.5)
+            if (stop is not None and stop.is_set()) or (
+                supervisor.errors and on_worker_death == "fail"
+            ):
+                supervisor.finish()
     except KeyboardInterrupt:
         # Ctrl-C: every worker DISCONNECTs its devices and sends its final snapshot.
         interrupted = True
-        supervisor.stop_all()
-        deadline = time.monotonic() + 30.0
-        while supervisor.readers and time.monotonic() < deadline:
-            with contextlib.suppress(KeyboardInterrupt):
-                supervisor.collect(0.5)
+        supervisor.finish()
     finally:
         supervisor.close()
     return FleetResult(supervisor.merged(), supervisor.errors, interrupted)

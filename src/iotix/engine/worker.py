@@ -198,6 +198,9 @@ def _collected_rarely() -> Iterator[None]:
         gc.unfreeze()
 
 
+STAGE_REVIEW_S = 0.1
+"""How often the ramp looks at the stages' target (a whole-shard numpy step)."""
+
 ROUND_MESSAGES = (64, 512)
 """A send round with fewer messages than the first lengthens the tick by a quarter
 (up to ``max_tick_s``); one with more than the second shortens it by a fifth (down to
@@ -556,22 +559,27 @@ class Worker:
         wanted = np.zeros(self.batch.size, dtype=bool)
         queue: deque[_Device] = deque()
         slot = loop.time()  # when the next connection may start
+        review = slot  # when to look at the stages again
         while True:
-            target = (
-                self.batch.indices < plan.target_at(clock.now_s() - start)
-                if plan is not None
-                else np.ones(self.batch.size, dtype=bool)
-            )
-            for row in np.flatnonzero(wanted & ~target).tolist():
-                self._retire(self.devices[row])
-            for row in np.flatnonzero(target & ~wanted).tolist():
-                device = self.devices[row]
-                device.wanted = True
-                if device.connection is None:
-                    queue.append(device)
-            wanted = target
             now = loop.time()
-            slot = max(slot, now - interval)  # no burst to make up for an idle spell
+            if now >= review:
+                # Stages move in steps of STAGE_REVIEW_S; without them, all at once.
+                target = (
+                    self.batch.indices < plan.target_at(clock.now_s() - start)
+                    if plan is not None
+                    else np.ones(self.batch.size, dtype=bool)
+                )
+                for row in np.flatnonzero(wanted & ~target).tolist():
+                    self._retire(self.devices[row])
+                if not queue:
+                    slot = max(slot, now)  # no burst to make up for an idle spell
+                for row in np.flatnonzero(target & ~wanted).tolist():
+                    device = self.devices[row]
+                    device.wanted = True
+                    if device.connection is None:
+                        queue.append(device)
+                wanted = target
+                review = now + STAGE_REVIEW_S if plan is not None else math.inf
             while queue and slot <= now:
                 device = queue.popleft()
                 if device.wanted and device.connection is None:
@@ -579,7 +587,8 @@ class Worker:
                 slot += interval
             if plan is None and not queue:
                 return
-            await asyncio.sleep(max((slot if queue else now + 0.1) - loop.time(), 0.0))
+            wake = min(slot if queue else math.inf, review)
+            await asyncio.sleep(max(wake - loop.time(), 0.0))
 
     def _retire(self, device: _Device) -> None:
         """A ramp down: DISCONNECT (the broker then drops the will) and stay away."""
