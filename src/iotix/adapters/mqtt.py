@@ -62,6 +62,7 @@ class MQTTConnection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_close_callbacks",
         "_closed",
         "_connected",
         "_early",
@@ -90,9 +91,13 @@ class MQTTConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._flush_scheduled = False
-        self._connected: asyncio.Future[ConnectedEvent] = self._loop.create_future()
-        self._closed: asyncio.Future[None] = self._loop.create_future()
-        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._connected: asyncio.Future[ConnectedEvent] | None = self._loop.create_future()
+        """Until open_connection has seen the CONNACK; then dropped (it was 144 bytes)."""
+        # Made when first needed: a simulator holds 100,000 connections that mostly
+        # never wait for an ack or for their close.
+        self._closed: asyncio.Future[None] | None = None
+        self._close_callbacks: list[Callable[[], None]] | None = None
+        self._waiters: dict[int, asyncio.Future[Any]] | None = None
         # Acknowledgements nobody waited for yet, for a later wait_acked (only without
         # an on_event callback, which sees every event anyway); the latest few only.
         self._early: dict[int, Any] | None = None
@@ -141,14 +146,18 @@ class MQTTConnection(asyncio.Protocol):
             self._dispatch(event)
         error = MQTTConnectError(_lost_reason(exc))
         error.__cause__ = exc
-        if not self._connected.done():
+        if self._connected is not None and not self._connected.done():
             self._connected.set_exception(error)
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_exception(error)
-        self._waiters.clear()
-        if not self._closed.done():
+        if self._waiters:
+            for waiter in self._waiters.values():
+                if not waiter.done():
+                    waiter.set_exception(error)
+            self._waiters = None
+        if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
+        callbacks, self._close_callbacks = self._close_callbacks, None
+        for callback in callbacks or ():
+            callback()
 
     # --- verbs ----------------------------------------------------------------------
 
@@ -187,13 +196,13 @@ class MQTTConnection(asyncio.Protocol):
         if early is not None:
             acked: PublishAckedEvent = early
             return acked
-        waiter = self._waiters.setdefault(packet_id, self._loop.create_future())
+        waiter = self._waiter(packet_id)
         result: PublishAckedEvent = await waiter
         return result
 
     async def subscribe(self, subscriptions: Iterable[Subscription]) -> SubscribedEvent:
         packet_id = self.session.subscribe(subscriptions)
-        waiter = self._waiters.setdefault(packet_id, self._loop.create_future())
+        waiter = self._waiter(packet_id)
         self._schedule_flush()
         result: SubscribedEvent = await waiter
         return result
@@ -218,27 +227,45 @@ class MQTTConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def _waiter(self, packet_id: int) -> asyncio.Future[Any]:
+        if self._waiters is None:
+            self._waiters = {}
+        return self._waiters.setdefault(packet_id, self._loop.create_future())
+
     def add_close_callback(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the connection has closed (at once if it has)."""
-        self._closed.add_done_callback(lambda _: callback())
+        """Call ``callback`` when the connection closes (from ``connection_lost``), or
+        soon if it has closed already."""
+        if self.closed:
+            self._loop.call_soon(callback)
+        elif self._close_callbacks is None:
+            self._close_callbacks = [callback]
+        else:
+            self._close_callbacks.append(callback)
 
     async def wait_closed(self) -> None:
         # Shielded: a waiter that is cancelled must not mark the connection closed.
+        if self.closed:
+            return
+        if self._closed is None:
+            self._closed = self._loop.create_future()
         await asyncio.shield(self._closed)
 
     # --- internals ------------------------------------------------------------------
 
     def _dispatch(self, event: Event) -> None:
-        if isinstance(event, ConnectedEvent) and not self._connected.done():
+        connecting = self._connected is not None and not self._connected.done()
+        if isinstance(event, ConnectedEvent) and connecting:
+            assert self._connected is not None  # noqa: S101 - for the type checker
             self._connected.set_result(event)
-        elif isinstance(event, ConnectionRefusedEvent) and not self._connected.done():
+        elif isinstance(event, ConnectionRefusedEvent) and connecting:
+            assert self._connected is not None  # noqa: S101
             self._connected.set_exception(
                 MQTTConnectError(
                     f"connection refused: {event.reason}", reason_code=event.reason_code
                 )
             )
         elif isinstance(event, PublishAckedEvent | SubscribedEvent):
-            waiter = self._waiters.pop(event.packet_id, None)
+            waiter = None if self._waiters is None else self._waiters.pop(event.packet_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(event)
             elif waiter is None and self._on_event is None and type(event) is PublishAckedEvent:
@@ -347,7 +374,10 @@ async def open_connection(
                     server_hostname=server_hostname,
                     local_address=local_address,
                 )
-            await connection._connected  # noqa: SLF001 - the factory's own future
+            connected = connection._connected  # noqa: SLF001 - the factory's own future
+            assert connected is not None  # noqa: S101 - set in __init__
+            await connected
+            connection._connected = None  # noqa: SLF001
     except (MQTTConnectError, asyncio.CancelledError):
         # Refused, or the caller gave up (a run that stops while devices connect):
         # never leave a half-open socket behind.

@@ -157,20 +157,29 @@ class RunSettings:
 
 @dataclass(slots=True)
 class _Device:
+    """One device's connection state. It is its connection's event handler and close
+    callback itself: a closure per device would cost a few hundred bytes each."""
+
+    worker: Worker
     row: int
     session: MQTTClientSession | None = None
     connection: MQTTConnection | None = None
     wanted: bool = False
     """Whether the stages want it connected now (always, without stages)."""
+    attempts: int = 0
+    sent_at: dict[int, tuple[float, float, int]] | None = None
+    """Packet id -> (sent at, due at, QoS) of each publish awaiting its ack."""
+
+    def __call__(self, event: Event) -> None:
+        self.worker._on_event(self, event)  # noqa: SLF001 - the worker's own device
+
+    def closed(self) -> None:
+        self.worker._down(self)  # noqa: SLF001
 
     def awaiting_ack(self, packet_id: int, sent_s: float, due_s: float, qos: int) -> None:
         if self.sent_at is None:
             self.sent_at = {}
         self.sent_at[packet_id] = (sent_s, due_s, qos)
-
-    attempts: int = 0
-    sent_at: dict[int, tuple[float, float, int]] | None = None
-    """Packet id -> (sent at, due at, QoS) of each publish awaiting its ack."""
 
 
 GC_YOUNG_THRESHOLD = 50_000
@@ -267,7 +276,7 @@ class Worker:
         self.first_index = int(self.batch.indices[0]) if self.batch.size else 0
         # A device sends only while connected: messages due before are not made at all.
         self.batch.paused[:] = True
-        self.devices = [_Device(row) for row in range(self.batch.size)]
+        self.devices = [_Device(self, row) for row in range(self.batch.size)]
         self.counters = Counters()
         self.connect_latency = Histogram()
         self.ack_latency = Histogram()
@@ -632,7 +641,7 @@ class Worker:
         self._up(device, connection)
         # No task waits for the connection to close: a callback does, and the
         # keepalive wheel keeps it alive (a task and a timer per device cost 3 KB).
-        connection.add_close_callback(lambda: self._down(device))
+        connection.add_close_callback(device.closed)
         self._keep_alive_at(connection, asyncio.get_running_loop().time())
         if self._commands is not None:
             topic_filter = self.batch.render(self._commands[0], device.row)
@@ -661,7 +670,7 @@ class Worker:
                     endpoint.host,
                     endpoint.port,
                     self._session_settings(device),
-                    on_event=lambda event: self._on_event(device, event),
+                    on_event=device,
                     local_address=sources[index % len(sources)] if sources else None,
                     session=device.session,
                     ssl_context=context,

@@ -753,7 +753,7 @@ class QoS0Frames:
 
     A topic is checked and encoded once by the caller (:meth:`topic_part`, kept per
     device), and the fixed headers of
-    packets up to 16 KiB come from a table (:meth:`header`), so a packet costs two
+    packets up to 2 KiB come from a table (:meth:`header`), so a packet costs two
     look-ups: ``header(len(part) + len(payload), retain=r) + part + payload`` is byte
     for byte what :func:`encode_publish` returns. MQTT 5 packets carry an empty
     property block (no topic alias: the full topic every time).
@@ -761,7 +761,7 @@ class QoS0Frames:
 
     __slots__ = ("_headers", "_v5")
 
-    TABLE_SIZE: Final = 0x4000
+    TABLE_SIZE: Final = 0x800  # 2 KiB: a header each, 64 KiB a table (a worker has two)
 
     def __init__(self, version: ProtocolVersion = ProtocolVersion.V311) -> None:
         self._v5 = _protocol_version(version) is _V5

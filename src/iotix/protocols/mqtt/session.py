@@ -258,9 +258,9 @@ class MQTTClientSession:
         self._send_window = settings.max_inflight
         self._incoming_qos2: set[int] | None = None
         self._subscribing: set[int] | None = None
-        self._alias_of: dict[bytes, int] = {}
+        self._alias_of: dict[bytes, int] | None = None  # MQTT 5 only
         self._alias_maximum = 0
-        self._server_aliases: dict[int, str] = {}
+        self._server_aliases: dict[int, str] | None = None
 
     # --- the byte interface ---------------------------------------------------------
 
@@ -297,8 +297,8 @@ class MQTTClientSession:
         self._reader = PacketReader(self.settings.version)
         self._out.clear()
         self._awaiting_pong_since_s = None
-        self._alias_of.clear()
-        self._server_aliases.clear()
+        self._alias_of = None
+        self._server_aliases = None
         self._subscribing = None
         for message in self._inflight.values():
             message.released = message.released and message.qos == 2
@@ -496,6 +496,8 @@ class MQTTClientSession:
         props = dict(properties)
         wire_topic = topic
         if self._alias_maximum:
+            if self._alias_of is None:
+                self._alias_of = {}
             alias = self._alias_of.get(topic)
             if alias is not None:
                 # MQTT-3.3.2.3.4: a known alias stands for the topic; send an empty name.
@@ -650,6 +652,8 @@ class MQTTClientSession:
         topic = packet.topic
         alias = packet.properties.get(Property.TOPIC_ALIAS) if packet.properties else None
         if alias is not None:
+            if self._server_aliases is None:
+                self._server_aliases = {}
             if topic:
                 self._server_aliases[int(alias)] = topic
             else:
