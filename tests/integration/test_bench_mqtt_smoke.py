@@ -96,3 +96,20 @@ def test_mqtt_connect_rate_races_the_worker_against_a_raw_client(
     assert all(r.connections == 50 and r.failures == 0 for r in results)
     assert all(r.per_s > 0 and r.latency_p50_s > 0 for r in results)
     assert results[1].ratio > 0
+
+
+def test_mqtt_scale_holds_a_small_fleet_and_accounts_for_every_message() -> None:
+    module = importlib.import_module("mqtt_scale")
+    results = module.main(
+        ["--devices", "60", "--hold", "3", "--brokers", "2", "--interval", "1", "--sources", "2"]
+    )
+
+    assert [r.contender for r in results] == ["raw asyncio", "iotix fleet"]
+    for result in results:
+        assert result.connected == 60, result.problems
+        assert result.lost_during_hold == 0
+        assert result.sent > 0
+        assert result.received == result.sent
+        assert result.pss_max_bytes > 0
+    iotix = results[1]
+    assert iotix.lag_p99_s < 1.0
