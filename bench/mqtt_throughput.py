@@ -34,7 +34,11 @@ worker offered more than it can send builds ever larger batches (its loop, its
 connects and its deadline starve, and memory grows without bound). The saturating runs
 therefore give the worker a :class:`BenchClock` that follows the wall clock but never
 runs more than ``--lead-ms`` past the earliest send still due: the worker always has
-``--lead-ms`` of schedule to send, and sends it as fast as it can. The clock also
+``--lead-ms`` of schedule to send, and sends it as fast as it can. The default lead is
+the worker's tick (``RunSettings.tick_s``, 20 ms): the schedule one send round gathers,
+so one write per connection carries what a device has due in a tick (20 messages at
+the 1 ms interval). A shorter lead cuts the engine's batches below what it makes on its
+own. The clock also
 stands still until every device is connected, so that no measurement includes the
 connection ramp. Rates are read over a window of ``--seconds`` after ``--settle``
 seconds of sending.
@@ -930,8 +934,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lead-ms",
         type=float,
-        default=10.0,
-        help="schedule a saturated worker may run ahead of its oldest due send",
+        default=RunSettings.tick_s * 1000,
+        help="schedule a saturated worker may run ahead of its oldest due send "
+        "(default: the worker's tick, what one round gathers at most rates)",
     )
     parser.add_argument(
         "--ceiling-connections",

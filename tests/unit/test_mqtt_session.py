@@ -116,17 +116,22 @@ def test_qos0_publish_is_sent_at_once_without_an_id() -> None:
     assert peer.sent() == [Publish("t/1", b"x")]
 
 
-def test_encoded_qos0_packets_are_queued_after_what_the_session_queued() -> None:
-    peer = connected()
-    peer.session.publish("t/1", b"first")
-    peer.session.publish_encoded(encode(Publish("t/2", b"a"), V311) * 2)
-    assert peer.sent() == [Publish("t/1", b"first"), Publish("t/2", b"a"), Publish("t/2", b"a")]
+def test_packets_written_by_the_caller_count_as_a_write_for_the_keepalive() -> None:
+    peer = connected(keepalive_s=10)
+    session = peer.session
+    session.tick(0.0)
+    session.publish_encoded_written(8.0)
+    assert session.next_tick_s() == 18.0
+    session.tick(17.9)
+    assert session.data_to_send(17.9) == b""
+    session.tick(18.0)
+    assert peer.reader.feed(session.data_to_send(18.0)) == [PingReq()]
 
 
-def test_encoded_packets_need_a_connected_session() -> None:
+def test_packets_written_by_the_caller_need_a_connected_session() -> None:
     session = MQTTClientSession(SessionSettings(client_id="dev-1"))
     with pytest.raises(MQTTProtocolError, match="while disconnected"):
-        session.publish_encoded(b"\x30\x03\x00\x01t")
+        session.publish_encoded_written(1.0)
 
 
 def test_qos1_publish_completes_on_puback() -> None:

@@ -181,12 +181,16 @@ class MQTTConnection(asyncio.Protocol):
     def publish_encoded(self, packets: bytes) -> bool:
         """Write QoS 0 PUBLISH packets encoded by the caller now, with anything the
         session has queued; False (nothing written) when the connection is closing."""
-        if self.closed or self._transport is None or self._transport.is_closing():
+        transport = self._transport
+        if self.closed or transport is None or transport.is_closing():
             return False
-        if self.session.state is not SessionState.CONNECTED:
+        session = self.session
+        if session.state is not SessionState.CONNECTED:
             return False
-        self.session.publish_encoded(packets)
-        self._flush()
+        now = self._loop.time()
+        queued = session.data_to_send(now)  # acks, a PINGREQ: they go first
+        transport.write(queued + packets if queued else packets)
+        session.publish_encoded_written(now)
         return True
 
     async def wait_acked(self, packet_id: int) -> PublishAckedEvent:

@@ -381,12 +381,13 @@ class MQTTClientSession:
         )
         return packet_id
 
-    def publish_encoded(self, packets: bytes) -> None:
-        """Queue QoS 0 PUBLISH packets that the caller encoded (see
-        :class:`~iotix.protocols.mqtt.packets.QoS0Frames`): the batch path."""
+    def publish_encoded_written(self, now_s: float) -> None:
+        """The caller wrote QoS 0 PUBLISH packets it encoded itself at ``now_s``,
+        after :meth:`data_to_send`: it counts as a write for the keepalive."""
         if self.state is not SessionState.CONNECTED:
             raise MQTTProtocolError(f"publish() while {self.state.value}", reason_code=0x82)
-        self._out.append(packets)
+        self._wrote = False
+        self._last_write_s = now_s
 
     def subscribe(self, subscriptions: Iterable[Subscription]) -> int:
         if self.state is not SessionState.CONNECTED:
