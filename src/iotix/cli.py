@@ -27,7 +27,12 @@ from iotix.adapters.tls import TLSContextCache, TLSSettings
 from iotix.engine.fleet import FleetPlan, FleetResult, WorkerDeath, default_workers, run_fleet
 from iotix.engine.results import results_document, summarise
 from iotix.engine.stages import StagePlan, parse_stages
-from iotix.engine.worker import RunConfigError, RunSettings, parse_brokers
+from iotix.engine.worker import (
+    RunConfigError,
+    RunSettings,
+    default_source_addresses,
+    parse_brokers,
+)
 from iotix.errors import IotixError, ModelError
 from iotix.metrics import Snapshot, TimeSeries, TimeSeriesRow
 from iotix.model.loader import SUFFIXES, LoadedModel, load_model
@@ -562,6 +567,9 @@ def run(
     versions = {"3.1.1": ProtocolVersion.V311, "5": ProtocolVersion.V5, "5.0": ProtocolVersion.V5}
     if mqtt_version not in versions:
         raise typer.BadParameter("use 3.1.1 or 5", param_hint="--mqtt-version")
+    sources = tuple(a.strip() for a in (source_addresses or "").split(",") if a.strip())
+    if not sources:
+        sources = default_source_addresses(brokers, devices)
     settings = RunSettings(
         devices=devices,
         brokers=brokers,
@@ -574,7 +582,7 @@ def run(
         clean_start=not persistent,
         username=username,
         password=password,
-        source_addresses=tuple(a.strip() for a in (source_addresses or "").split(",") if a.strip()),
+        source_addresses=sources,
         tls=tls,
         stages=stage_list,
     )
@@ -585,6 +593,7 @@ def run(
         f"worker{'s' if worker_count > 1 else ''}, "
         f"{', '.join(str(b) for b in brokers)}"
         + (f", {duration:g} s" if duration else ", until Ctrl-C")
+        + (f", from {len(sources)} source addresses" if sources else "")
     )
     outcome, series, summary = _run_live(
         console,

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from iotix.engine.fleet import FleetPlan, plan_jobs, plan_shards
-from iotix.engine.worker import BrokerEndpoint, RunConfigError, RunSettings, parse_brokers
+from iotix.engine.worker import (
+    BrokerEndpoint,
+    RunConfigError,
+    RunSettings,
+    default_source_addresses,
+    parse_brokers,
+)
 
 
 @pytest.mark.parametrize(("devices", "workers"), [(10, 3), (100_000, 6), (5, 8), (1, 1)])
@@ -67,3 +73,23 @@ def test_websocket_urls_parse_with_their_path_defaulting_to_mqtt() -> None:
 def test_bad_broker_urls_are_refused_with_the_reason(text: str, problem: str) -> None:
     with pytest.raises(RunConfigError, match=problem):
         parse_brokers(text)
+
+
+def test_a_large_fleet_on_loopback_brokers_gets_source_addresses_by_default() -> None:
+    brokers = parse_brokers("mqtt://127.0.0.1:1883,127.0.0.1:1884")
+    assert default_source_addresses(brokers, 50_000) == ()  # 25,000 per endpoint fit
+    assert default_source_addresses(brokers, 120_000) == (
+        "127.0.1.1",
+        "127.0.1.2",
+        "127.0.1.3",
+    )
+    assert default_source_addresses(parse_brokers("mqtt://localhost"), 30_000) == (
+        "127.0.1.1",
+        "127.0.1.2",
+    )
+
+
+def test_remote_brokers_get_no_source_addresses_by_default() -> None:
+    # Which local addresses reach a remote broker is the network's business.
+    assert default_source_addresses(parse_brokers("mqtt://10.0.0.5,127.0.0.1"), 500_000) == ()
+    assert default_source_addresses(parse_brokers("mqtt://broker.example"), 500_000) == ()

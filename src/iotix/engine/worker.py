@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import math
 import random
@@ -117,6 +118,32 @@ def parse_brokers(text: str) -> tuple[BrokerEndpoint, ...]:
     if not endpoints:
         raise RunConfigError("no broker address given")
     return tuple(endpoints)
+
+
+PORTS_PER_SOURCE = 25_000
+"""Connections one source address takes to one endpoint (Linux's ephemeral ports are
+32768-60999, about 28K; some are left for everything else)."""
+
+
+def default_source_addresses(brokers: Sequence[BrokerEndpoint], devices: int) -> tuple[str, ...]:
+    """Source addresses a fleet needs by default: none (the kernel picks) unless every
+    broker is on the loopback network and one endpoint would take more connections than
+    one address has ports for; then 127.0.1.1, 127.0.1.2, ... (all of 127.0.0.0/8 is
+    local, no set-up needed)."""
+    per_endpoint = math.ceil(devices / len(brokers)) if brokers else 0
+    if per_endpoint <= PORTS_PER_SOURCE or not all(_is_loopback(b.host) for b in brokers):
+        return ()
+    count = math.ceil(per_endpoint / PORTS_PER_SOURCE)
+    return tuple(str(ipaddress.IPv4Address("127.0.1.0") + n) for n in range(1, count + 1))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
