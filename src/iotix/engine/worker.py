@@ -22,6 +22,7 @@ import math
 import random
 import re
 import string
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -173,8 +174,8 @@ class RunSettings:
     """Shortest sleep between send rounds: messages due within one tick go out
     together (one sampling round, one write per connection). Schedule lag shows it."""
     max_tick_s: float = 0.1
-    """Longest: a worker whose rounds carry few messages (many devices sending
-    rarely) lengthens its tick up to this, because each round has a fixed cost."""
+    """Longest: a worker whose rounds are costly yet carry few messages (many devices
+    sending rarely) lengthens its tick up to this (see ROUND_COST_SHARE)."""
     tls: TLSSettings | None = None
     """TLS for ``mqtts://`` endpoints (default: verify against the system store)."""
     stages: tuple[Stage, ...] = ()
@@ -237,18 +238,21 @@ def _collected_rarely() -> Iterator[None]:
 STAGE_REVIEW_S = 0.1
 """How often the ramp looks at the stages' target (a whole-shard numpy step)."""
 
-ROUND_MESSAGES = (64, 512)
-"""A send round with fewer messages than the first lengthens the tick by a quarter
-(up to ``max_tick_s``); one with more than the second shortens it by a fifth (down to
-``tick_s``)."""
+ROUND_COST_SHARE = 0.02
+"""A send round of few messages may take this share of the time at most: a shard whose
+rounds cost 1 ms (a numpy sampling round, whatever few messages are due) waits 50 ms
+between them, one of a few devices (0.1 ms) the minimum tick."""
+BUSY_ROUND = 512
+"""A round with more messages than this is busy: the tick shrinks back to ``tick_s``."""
 
 
-def _next_tick(tick: float, messages: int, settings: RunSettings) -> float:
-    if messages < ROUND_MESSAGES[0]:
-        return min(tick * 1.25, max(settings.max_tick_s, settings.tick_s))
-    if messages > ROUND_MESSAGES[1]:
+def _next_tick(tick: float, messages: int, cost_s: float, settings: RunSettings) -> float:
+    """The tick after a round of ``messages`` that took ``cost_s`` seconds."""
+    if messages > BUSY_ROUND:
         return max(tick * 0.8, settings.tick_s)
-    return tick
+    longest = max(settings.max_tick_s, settings.tick_s)
+    wanted = min(max(cost_s / ROUND_COST_SHARE, settings.tick_s), longest)
+    return tick + (wanted - tick) * 0.25  # smoothed: one slow round is no trend
 
 
 def _wake(waiting: asyncio.Future[None] | None) -> None:
@@ -358,11 +362,13 @@ class Worker:
                 now = self.clock.now_s()
                 if deadline is not None and now >= deadline:
                     break
+                began = time.perf_counter()
                 emissions = self.batch.advance_emissions(now)
                 self._send(emissions)
                 if self._rebooting:
                     self._reboot()
-                tick = _next_tick(tick, sum(len(e.rows) for e in emissions), settings)
+                messages = sum(len(e.rows) for e in emissions)
+                tick = _next_tick(tick, messages, time.perf_counter() - began, settings)
                 # At least one tick between rounds: a round per distinct due time would
                 # cost a numpy round and a write per message at ordinary rates.
                 wake = max(min(self.batch.next_due_s(), now + 0.25), now + tick)
