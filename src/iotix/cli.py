@@ -23,6 +23,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from iotix import __version__
+from iotix.adapters.mqtt import MQTTConnectError
 from iotix.adapters.tls import TLSContextCache, TLSSettings
 from iotix.engine.fleet import FleetPlan, FleetResult, WorkerDeath, default_workers, run_fleet
 from iotix.engine.results import results_document, summarise
@@ -35,10 +36,13 @@ from iotix.engine.worker import (
 )
 from iotix.errors import IotixError, ModelError
 from iotix.metrics import Snapshot, TimeSeries, TimeSeriesRow
-from iotix.model.loader import SUFFIXES, LoadedModel, load_model
+from iotix.model.loader import SUFFIXES, LoadedModel, load_model, parse_document
 from iotix.model.runtime import Message
 from iotix.preview import PlannedCommand, Preview, preview_model
 from iotix.protocols.mqtt.packets import ProtocolVersion
+from iotix.scenario.loader import load_scenario
+from iotix.scenario.reports import append_github_summary, json_report, write_reports
+from iotix.scenario.runner import plan_scenario, report_scenario
 from iotix.schema import model_schema
 from iotix.testing.embedded import EmbeddedBroker
 
@@ -427,14 +431,21 @@ def _run_live(
             row = series.rows[-1] if series.rows else None
             live.update(_live_table(snapshot, row, devices))
 
-        outcome = run_fleet(
-            fleets,
-            settings,
-            workers=workers,
-            on_snapshot=show,
-            probe_sample=probe_sample,
-            on_worker_death=on_worker_death,
-        )
+        try:
+            outcome = run_fleet(
+                fleets,
+                settings,
+                workers=workers,
+                on_snapshot=show,
+                probe_sample=probe_sample,
+                on_worker_death=on_worker_death,
+            )
+        except MQTTConnectError as exc:  # the probe subscribes before any device connects
+            console.print(
+                f"[bold red]error[/] the probe could not subscribe at {settings.brokers[0]}: "
+                f"{escape(str(exc))}"
+            )
+            raise typer.Exit(EXIT_RUN_FAILED) from None
     summary = summarise(outcome.snapshot)
     _print_summary(console, summary, outcome.worker_errors)
     if outcome.probe is not None:
@@ -455,14 +466,15 @@ def _run_live(
 
 @app.command()
 def run(
-    model: Annotated[Path, typer.Argument(help="A model file (YAML or JSON).")],
+    model: Annotated[Path, typer.Argument(help="A model file, or a scenario file (YAML or JSON).")],
     broker: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Broker address(es): mqtt://host:port[,host:port...] (mqtts:// for TLS; "
-            "ws://host:port/path and wss:// for MQTT over WebSockets)."
+            "ws://host:port/path and wss:// for MQTT over WebSockets). Required for a "
+            "model; for a scenario, replaces the brokers the file names."
         ),
-    ],
+    ] = None,
     devices: Annotated[int, typer.Option(min=1, help="How many devices.")] = 10,
     duration: Annotated[
         float | None,
@@ -532,6 +544,17 @@ def run(
             "'continue' runs the other workers to the end and reports it.",
         ),
     ] = OnWorkerDeath.FAIL,
+    scale: Annotated[
+        float,
+        typer.Option(
+            min=0.0001,
+            help="Scenario only: multiply its devices and durations (0.1 for a quick CI run).",
+        ),
+    ] = 1.0,
+    report_dir: Annotated[
+        Path,
+        typer.Option(help="Scenario only: where the reports go (JUnit, Markdown, CSV, JSON)."),
+    ] = Path("iotix-report"),
 ) -> None:
     """Run a fleet of MODEL devices against MQTT brokers, with a live view.
 
@@ -539,6 +562,20 @@ def run(
     connect, or a worker died).
     """
     err = Console(stderr=True, soft_wrap=True, highlight=False)
+    if _is_scenario(model):
+        _run_scenario(
+            model,
+            broker=broker,
+            scale=scale,
+            report_dir=report_dir,
+            results=results,
+            workers=workers,
+            on_worker_death=on_worker_death,
+        )
+        return
+    if broker is None:
+        err.print("[bold red]error[/] --broker is required to run a model (mqtt://host:port)")
+        raise typer.Exit(EXIT_INVALID)
     try:
         loaded = load_model(model)
         brokers = parse_brokers(broker)
@@ -617,6 +654,84 @@ def run(
     died = outcome.worker_errors and on_worker_death is OnWorkerDeath.FAIL
     if died or summary["connects"] == 0:
         raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _is_scenario(path: Path) -> bool:
+    """A scenario file is a mapping with ``fleets``; anything else is read as a model
+    (whose loader then says what is wrong with it)."""
+    try:
+        data, _ = parse_document(path.read_text(encoding="utf-8"), path)
+    except (OSError, UnicodeDecodeError, ModelError):
+        return False
+    return isinstance(data, dict) and "fleets" in data
+
+
+EXIT_CHECKS_FAILED = 1
+
+
+def _run_scenario(
+    path: Path,
+    *,
+    broker: str | None,
+    scale: float,
+    report_dir: Path,
+    results: Path | None,
+    workers: int | None,
+    on_worker_death: OnWorkerDeath,
+) -> None:
+    """``iotix run SCENARIO``: the run, its checks, its reports, and the exit code."""
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    try:
+        scenario = load_scenario(path)
+        plan = plan_scenario(
+            scenario, scale=scale, brokers=parse_brokers(broker) if broker else None
+        )
+    except ModelError as exc:
+        _print_model_error(err, exc)
+        raise typer.Exit(EXIT_INVALID) from None
+    except IotixError as exc:
+        err.print(f"[bold red]error[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    worker_count = workers or default_workers(plan.devices)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(
+        f"[bold]scenario {escape(scenario.name)}[/]: {plan.devices:,} devices in "
+        f"{len(plan.fleets)} fleet{'s' if len(plan.fleets) > 1 else ''}, "
+        f"{plan.settings.duration_s:g} s, {len(plan.checks)} checks"
+        + (f", scale {scale:g}" if scale != 1 else "")
+    )
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    outcome, series, _ = _run_live(
+        console,
+        plan.fleets,
+        plan.settings,
+        workers=worker_count,
+        probe_sample=scenario.probe,
+        on_worker_death=on_worker_death.value,
+    )
+    report = report_scenario(scenario, plan, outcome, series, started_at=started_at)
+    console.print("[bold]Checks[/]")
+    for check in report.checks:
+        mark = "[green]pass[/]" if check.passed else "[bold red]FAIL[/]"
+        console.print(f"  {mark}  {escape(check.name)}: {escape(check.message)}")
+    if not report.checks:
+        console.print("  (none defined)")
+    written = write_reports(report, report_dir)
+    append_github_summary(report)
+    console.print(
+        f"  reports: {escape(str(report_dir))}/ ({', '.join(p.name for p in written.values())})"
+    )
+    if results is not None:
+        results.write_bytes(json_report(report))
+        console.print(f"  results: {escape(str(results))}")
+    run_failed = outcome.worker_errors or report.summary["connects"] == 0
+    if run_failed:
+        console.print("[bold red]the run failed[/]")
+        raise typer.Exit(EXIT_RUN_FAILED)
+    if not report.passed:
+        console.print("[bold red]checks failed[/]")
+        raise typer.Exit(EXIT_CHECKS_FAILED)
+    console.print("[bold green]passed[/]")
 
 
 DEMO_FLEETS = (

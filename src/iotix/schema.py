@@ -1,8 +1,10 @@
-"""The JSON Schema of the device-model language, generated from the pydantic specs.
+"""The JSON Schemas of iotix's input files, generated from the pydantic specs.
 
-The committed copy under ``schemas/`` is what editors and CI validate against; a test
-fails when it drifts from the code. Regenerate it with
-``iotix schema > schemas/device-model.schema.json``.
+The committed copies under ``schemas/`` are what editors and CI validate against; tests
+fail when they drift from the code. Regenerate them with
+``iotix schema > schemas/device-model.schema.json`` and
+``python -c "import json; from iotix.schema import scenario_schema;
+print(json.dumps(scenario_schema(), indent=2))" > schemas/scenario.schema.json``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from iotix.model.spec import DeviceModelSpec
+from iotix.scenario.spec import ScenarioSpec
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -17,4 +20,10 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 def model_schema() -> dict[str, Any]:
     """The device-model schema, as validation (input) sees it."""
     schema = DeviceModelSpec.model_json_schema(mode="validation", by_alias=True)
+    return {"$schema": SCHEMA_DIALECT, **schema}
+
+
+def scenario_schema() -> dict[str, Any]:
+    """The scenario-file schema, as validation (input) sees it."""
+    schema = ScenarioSpec.model_json_schema(mode="validation", by_alias=True)
     return {"$schema": SCHEMA_DIALECT, **schema}

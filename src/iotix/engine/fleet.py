@@ -34,7 +34,7 @@ from iotix.metrics import Snapshot
 from iotix.model.loader import load_model
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from multiprocessing.connection import Connection
     from multiprocessing.context import ForkServerContext, SpawnContext
 
@@ -204,6 +204,8 @@ class FleetPlan:
 
     model_path: Path
     devices: int
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    """RunSettings fields this fleet has of its own (brokers, username, qos, stages...)."""
 
 
 def plan_jobs(fleets: Sequence[FleetPlan], settings: RunSettings, workers: int) -> list[_Job]:
@@ -213,7 +215,7 @@ def plan_jobs(fleets: Sequence[FleetPlan], settings: RunSettings, workers: int) 
     jobs: list[_Job] = []
     for fleet in fleets:
         share = max(1, round(workers * fleet.devices / total))
-        fleet_settings = replace(settings, devices=fleet.devices)
+        fleet_settings = replace(settings, **{**fleet.overrides, "devices": fleet.devices})
         for shard in plan_shards(fleet.devices, share):
             jobs.append(_Job(str(fleet.model_path), shard, fleet_settings, len(jobs)))
     return jobs

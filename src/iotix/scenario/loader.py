@@ -1,0 +1,461 @@
+"""Loading scenario files (YAML or JSON): every problem found before anything runs.
+
+:func:`load_scenario` parses the file with the device-model loader's line-aware parser,
+validates it with :class:`~iotix.scenario.spec.ScenarioSpec`, then checks what needs the
+whole file or the disk: each fleet's broker is one of ``brokers`` and its model file
+loads (relative to the scenario file), names are unique, broker URLs parse, stage
+percentages resolve against all the fleets' devices. Every problem becomes one
+:class:`~iotix.errors.ModelIssue` of a :class:`ScenarioError`, which names the file, the
+line, the field path (``fleets[1].broker``) and, where one helps, a hint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import ValidationError
+
+from iotix.engine.stages import Stage, StagesError, StageSpec, parse_stage_specs
+from iotix.engine.worker import BrokerEndpoint, RunConfigError, parse_brokers
+from iotix.errors import ModelError, ModelIssue
+from iotix.model.loader import LoadedModel, load_model, parse_document
+from iotix.scenario.checks import CheckError, parse_check
+from iotix.scenario.spec import CheckSpec, FleetSpec, ScenarioSpec, StageEntrySpec
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pydantic import BaseModel
+
+__all__ = [
+    "DEFAULT_DURATION_S",
+    "LoadedFleet",
+    "LoadedScenario",
+    "ScenarioError",
+    "load_scenario",
+    "load_scenario_data",
+]
+
+PathKey = tuple[str | int, ...]
+SUFFIXES = (".yaml", ".yml", ".json")
+DEFAULT_DURATION_S = 60.0
+"""A scenario's duration when it gives neither a duration nor stages."""
+
+_BROKER_HINT = (
+    "write mqtt://host:port[,host:port...]; mqtts:// for TLS, ws:// or wss:// for MQTT "
+    "over WebSockets"
+)
+
+
+class ScenarioError(ModelError):
+    """A scenario file is invalid; ``issues`` lists every problem found, as
+    :class:`~iotix.errors.ModelError` does for a device model (a problem in a fleet's
+    model appears under that fleet's path, ``fleets[0].model.fields...``)."""
+
+    def __str__(self) -> str:
+        return "\n".join(str(issue) for issue in self.issues) or "invalid scenario"
+
+
+@dataclass(frozen=True)
+class LoadedFleet:
+    """One fleet of a scenario, resolved: its model loaded, its broker's endpoints parsed."""
+
+    name: str
+    model_path: Path
+    """Absolute: the fleet's ``model`` resolved against the scenario file's directory."""
+    model: LoadedModel
+    devices: int
+    broker: str
+    """The name of the fleet's broker in the scenario's ``brokers``."""
+    brokers: tuple[BrokerEndpoint, ...]
+    """That broker's endpoints (as :class:`~iotix.engine.worker.RunSettings` takes them)."""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    qos: int | None = None
+
+
+@dataclass(frozen=True)
+class LoadedScenario:
+    """A validated scenario, with everything the run needs resolved."""
+
+    path: Path | None
+    spec: ScenarioSpec
+    base_dir: Path
+    """Where relative paths in the scenario point from (the scenario file's directory)."""
+    fleets: tuple[LoadedFleet, ...]
+    stages: tuple[Stage, ...]
+    """Resolved against :attr:`devices`; empty: every device from the start."""
+    duration_s: float
+    checks: tuple[tuple[str, str], ...]
+    """(name, expression) pairs, names unique; the expressions are not parsed here."""
+    seed: int
+    probe: float | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def devices(self) -> int:
+        """All the fleets' devices (what stage percentages are of)."""
+        return sum(fleet.devices for fleet in self.fleets)
+
+
+class _Lines(Protocol):
+    """What the model loader's line map offers (``parse_document``'s second value)."""
+
+    duplicates: list[tuple[PathKey, int]]
+
+    def line_for(self, path: PathKey) -> int | None: ...
+
+
+class _NoLines:
+    duplicates: list[tuple[PathKey, int]] = []  # noqa: RUF012 - never mutated
+
+    def line_for(self, path: PathKey) -> int | None:  # noqa: ARG002 - no document, no lines
+        return None
+
+
+# --- pydantic's errors as issues -------------------------------------------------------
+
+
+def _keys_at(path: PathKey) -> list[str]:
+    """The keys a mapping at ``path`` may have, for did-you-mean hints."""
+    specs: dict[PathKey, type[BaseModel]] = {
+        (): ScenarioSpec,
+        ("fleets",): FleetSpec,
+        ("stages",): StageEntrySpec,
+        ("checks",): CheckSpec,
+    }
+    spec = specs.get(tuple(p for p in path if isinstance(p, str)))
+    if spec is None:
+        return []
+    return [info.alias or name for name, info in spec.model_fields.items()]
+
+
+def _issue_from_pydantic(error: Any, data: Any, lines: _Lines, file: Path | None) -> ModelIssue:
+    # `loc` holds the union tags and validator names too: keep the parts in the document.
+    path: list[str | int] = []
+    current = data
+    for part in error["loc"]:
+        if (isinstance(current, dict) and part in current) or (
+            isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)
+        ):
+            current = current[part]
+            path.append(part)
+    kind = error["type"]
+    problem = str(error["msg"]).removeprefix("Value error, ")
+    hint = None
+    if kind == "extra_forbidden":
+        problem = f"unknown key {path[-1]!r}" if path else "unknown key"
+        allowed = _keys_at(tuple(path[:-1]))
+        close = difflib.get_close_matches(str(path[-1]), allowed, n=1) if path else []
+        hint = (f"did you mean {close[0]!r}? " if close else "") + (
+            f"expected one of: {', '.join(allowed)}" if allowed else ""
+        )
+    elif kind == "missing":
+        name = error["loc"][-1]
+        problem = f"missing required key {name!r}"
+        path.append(name)
+    elif kind == "string_pattern_mismatch":
+        problem = f"{error['input']!r} is not a valid name"
+        hint = "use letters, digits, '_' and '-', starting with a letter or '_'"
+    key = tuple(path)
+    return ModelIssue(key, problem, file=file, line=lines.line_for(key), hint=hint or None)
+
+
+def _dedupe(issues: list[ModelIssue]) -> list[ModelIssue]:
+    """One issue per path and problem; an unknown key whose hint names a missing sibling
+    is its misspelling, so the missing key needs no issue of its own."""
+    unique: dict[tuple[PathKey, str], ModelIssue] = {}
+    for issue in issues:
+        unique.setdefault((issue.path, issue.problem), issue)
+    explained = {
+        (*issue.path[:-1], issue.hint.split("'")[1])
+        for issue in unique.values()
+        if issue.problem.startswith("unknown key")
+        and issue.hint
+        and issue.hint.startswith("did you mean")
+    }
+    return [
+        issue
+        for issue in unique.values()
+        if not (issue.problem.startswith("missing required key") and issue.path in explained)
+    ]
+
+
+# --- what needs the whole file ---------------------------------------------------------
+
+
+class _Checker:
+    """Collects the issues of one scenario and resolves what it can."""
+
+    def __init__(self, spec: ScenarioSpec, file: Path | None, lines: _Lines) -> None:
+        self.spec = spec
+        self.file = file
+        self.lines = lines
+        self.issues: list[ModelIssue] = []
+
+    def add(self, path: PathKey, problem: str, hint: str | None = None) -> None:
+        self.issues.append(
+            ModelIssue(path, problem, file=self.file, line=self.lines.line_for(path), hint=hint)
+        )
+
+    def brokers(self) -> dict[str, tuple[BrokerEndpoint, ...]]:
+        endpoints = {}
+        for name, url in self.spec.brokers.items():
+            try:
+                endpoints[name] = parse_brokers(url)
+            except RunConfigError as exc:
+                self.add(("brokers", name), str(exc), _BROKER_HINT)
+        return endpoints
+
+    def fleets(
+        self, endpoints: dict[str, tuple[BrokerEndpoint, ...]], base_dir: Path
+    ) -> list[LoadedFleet]:
+        loaded: list[LoadedFleet] = []
+        first_index: dict[str, int] = {}
+        models: dict[Path, LoadedModel | ModelError] = {}
+        names = list(self.spec.brokers)
+        for i, fleet in enumerate(self.spec.fleets):
+            if fleet.name in first_index:
+                self.add(
+                    ("fleets", i, "name"),
+                    f"duplicate fleet name {fleet.name!r} (fleets[{first_index[fleet.name]}] "
+                    "has it too)",
+                    "every fleet needs its own name",
+                )
+            first_index.setdefault(fleet.name, i)
+            broker = self._broker(i, fleet, names)
+            model = self._model(i, fleet, base_dir, models)
+            if broker is None or model is None or broker not in endpoints:
+                continue
+            loaded.append(
+                LoadedFleet(
+                    name=fleet.name,
+                    model_path=model.path or base_dir / fleet.model,
+                    model=model,
+                    devices=fleet.devices,
+                    broker=broker,
+                    brokers=endpoints[broker],
+                    username=fleet.username,
+                    password=fleet.password,
+                    qos=fleet.qos,
+                )
+            )
+        return loaded
+
+    def _broker(self, i: int, fleet: FleetSpec, names: list[str]) -> str | None:
+        if fleet.broker is None:
+            if len(names) == 1:
+                return names[0]
+            self.add(
+                ("fleets", i, "broker"),
+                f"the scenario has {len(names)} brokers, so each fleet names its broker",
+                f"add broker: one of {', '.join(names)}",
+            )
+            return None
+        if fleet.broker not in self.spec.brokers:
+            close = difflib.get_close_matches(fleet.broker, names, n=1)
+            self.add(
+                ("fleets", i, "broker"),
+                f"unknown broker {fleet.broker!r}",
+                (f"did you mean {close[0]!r}? " if close else "")
+                + f"brokers defines: {', '.join(names)}",
+            )
+            return None
+        return fleet.broker
+
+    def _model(
+        self,
+        i: int,
+        fleet: FleetSpec,
+        base_dir: Path,
+        models: dict[Path, LoadedModel | ModelError],
+    ) -> LoadedModel | None:
+        path = ("fleets", i, "model")
+        # normpath, not resolve(): collapse `..` without following symbolic links.
+        model_path = Path(os.path.normpath(base_dir / Path(fleet.model).expanduser()))
+        if not model_path.is_file():
+            what = "is not a file" if model_path.exists() else "does not exist"
+            self.add(
+                path,
+                f"model file {str(model_path)!r} {what}",
+                f"model paths are relative to the scenario file's directory, {base_dir}",
+            )
+            return None
+        if model_path not in models:
+            try:
+                models[model_path] = load_model(model_path)
+            except ModelError as exc:
+                models[model_path] = exc
+        model = models[model_path]
+        if isinstance(model, LoadedModel):
+            return model
+        line = self.lines.line_for(path)
+        for issue in model.issues:
+            where = str(issue.file or model_path)
+            if issue.line is not None:
+                where += f":{issue.line}"
+            self.issues.append(
+                ModelIssue(
+                    (*path, *issue.path),
+                    f"{issue.problem} (in the model {where})",
+                    file=self.file,
+                    line=line,
+                    hint=issue.hint,
+                )
+            )
+        return None
+
+    def stages(self, devices: int) -> tuple[Stage, ...]:
+        written = self.spec.stages
+        if written is None:
+            return ()
+        try:
+            if isinstance(written, str):
+                specs: Sequence[StageSpec] = parse_stage_specs(written)
+            else:
+                specs = [_stage_spec(entry) for entry in written]
+            return tuple(spec.resolve(devices) for spec in specs)
+        except StagesError as exc:
+            self.add(("stages",), str(exc), "write DURATION:DEVICES,... such as 10s:100%,30s:0")
+        return ()
+
+    def duration_s(self, stages: tuple[Stage, ...]) -> float:
+        if self.spec.duration_s is not None:
+            return self.spec.duration_s
+        if not stages:
+            return DEFAULT_DURATION_S
+        total_s = sum(stage.duration_s for stage in stages)  # as StagePlan adds them
+        if total_s <= 0:
+            self.add(
+                ("stages",),
+                "the stages last 0 s in all, and there is no duration to run for",
+                "give the stages a duration, or add duration: 60s",
+            )
+        return total_s
+
+    def checks(self) -> tuple[tuple[str, str], ...]:
+        named = self.spec.named_checks()
+        first_index: dict[str, int] = {}
+        for i, ((name, expression), entry) in enumerate(zip(named, self.spec.checks, strict=True)):
+            at: PathKey = ("checks", i) if isinstance(entry, str) else ("checks", i, "name")
+            if not name or not expression:
+                blank = at if isinstance(entry, str) or not name else ("checks", i, "check")
+                self.add(blank, "empty check")
+            elif name in first_index:
+                self.add(
+                    at,
+                    f"duplicate check name {name!r} (checks[{first_index[name]}] has it too)",
+                    "name the checks apart: {name: ..., check: ...}",
+                )
+            else:
+                try:
+                    parse_check(expression, name)
+                except CheckError as exc:
+                    where: PathKey = (
+                        ("checks", i) if isinstance(entry, str) else ("checks", i, "check")
+                    )
+                    self.add(where, str(exc))  # it names close metrics itself
+            first_index.setdefault(name, i)
+        return named
+
+
+def _stage_spec(entry: StageEntrySpec) -> StageSpec:
+    text = f"{entry.duration_s:g}s:{entry.devices}"
+    if isinstance(entry.devices, int):
+        return StageSpec(entry.duration_s, devices=entry.devices, text=text)
+    return StageSpec(entry.duration_s, percent=Fraction(entry.devices.strip()[:-1]), text=text)
+
+
+# --- entry points ----------------------------------------------------------------------
+
+
+def load_scenario_data(
+    data: Any,
+    *,
+    file: Path | None = None,
+    base_dir: Path | None = None,
+    lines: Any = None,
+) -> LoadedScenario:
+    """Validate already-parsed scenario data (from YAML, JSON or an API request).
+
+    Model paths resolve against ``base_dir``: by default the file's directory, else the
+    working directory. Raises :class:`ScenarioError` listing every problem.
+    """
+    line_map: _Lines = lines if lines is not None else _NoLines()
+    issues = [
+        ModelIssue(path, "duplicate key (the later value would win)", file=file, line=line)
+        for path, line in line_map.duplicates
+    ]
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        issues.append(
+            ModelIssue((), f"a scenario is a mapping, but this is {kind}", file=file, line=1)
+        )
+        raise ScenarioError(issues)
+    try:
+        spec = ScenarioSpec.model_validate(data)
+    except ValidationError as exc:
+        issues += [_issue_from_pydantic(e, data, line_map, file) for e in exc.errors()]
+        raise ScenarioError(_dedupe(issues)) from exc
+    if base_dir is None:
+        base_dir = file.parent if file is not None else Path.cwd()
+    base_dir = Path(os.path.normpath(base_dir.absolute()))
+    checker = _Checker(spec, file, line_map)
+    checker.issues += issues
+    endpoints = checker.brokers()
+    fleets = checker.fleets(endpoints, base_dir)
+    stages = checker.stages(sum(fleet.devices for fleet in spec.fleets))
+    duration_s = checker.duration_s(stages)
+    checks = checker.checks()
+    if checker.issues:
+        raise ScenarioError(checker.issues)
+    return LoadedScenario(
+        path=file,
+        spec=spec,
+        base_dir=base_dir,
+        fleets=tuple(fleets),
+        stages=stages,
+        duration_s=duration_s,
+        checks=checks,
+        seed=spec.seed,
+        probe=spec.probe,
+    )
+
+
+def load_scenario(path: Path | str) -> LoadedScenario:
+    """Load and validate one scenario file (YAML or JSON), and every model it names.
+
+    Raises :class:`ScenarioError` listing every problem, each with the file, the line,
+    the field path and a hint.
+    """
+    file = Path(path)
+    if file.suffix not in SUFFIXES:
+        raise ScenarioError(
+            [
+                ModelIssue(
+                    (),
+                    f"unsupported file type {file.suffix or '(none)'!r}",
+                    file=file,
+                    hint="scenarios are .yaml, .yml or .json files",
+                )
+            ]
+        )
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ScenarioError([ModelIssue((), "no such file", file=file)]) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError([ModelIssue((), f"cannot read the file: {exc}", file=file)]) from exc
+    try:
+        data, lines = parse_document(text, file)
+    except ModelError as exc:  # a syntax error, located by the model loader's parser
+        raise ScenarioError(exc.issues) from exc
+    return load_scenario_data(data, file=file, lines=lines)

@@ -1,0 +1,140 @@
+"""`iotix run SCENARIO`: a verdict, reports and exit codes, against a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import pytest
+from junitparser import Failure, JUnitXml
+
+from iotix.testing import MosquittoBroker, find_mosquitto
+
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    RunCLI = Callable[..., subprocess.CompletedProcess[str]]
+
+THERMOSTAT = "examples/device-models/thermostat.yaml"
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[MosquittoBroker]:
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.fail("Mosquitto is not installed: run scripts/services", pytrace=False)
+    with MosquittoBroker(binary=binary) as running:
+        yield running
+
+
+def scenario_file(tmp_path: Path, broker_url: str, checks: list[str], seconds: float = 4) -> Path:
+    model = (tmp_path / "thermostat.yaml").resolve()
+    model.write_text(_thermostat_text(), encoding="utf-8")
+    path = tmp_path / "scenario.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "e2e",
+                "seed": 3,
+                "brokers": {"main": broker_url},
+                "fleets": [{"name": "t", "model": str(model), "devices": 6}],
+                "duration": f"{seconds}s",
+                "probe": 1.0,
+                "checks": checks,
+            }
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def _thermostat_text() -> str:
+    from iotix.cli import example_models  # noqa: PLC0415 - the shipped examples
+
+    return (example_models() / "thermostat.yaml").read_text(encoding="utf-8")
+
+
+def test_the_smoke_example_passes_and_writes_every_report(
+    run_cli: RunCLI, tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    reports = tmp_path / "reports"
+    done = run_cli(
+        "run",
+        "examples/scenarios/smoke.yaml",
+        "--broker",
+        broker.url,
+        "--scale",
+        "0.1",
+        "--report-dir",
+        str(reports),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "passed" in done.stdout
+    suite = next(iter(JUnitXml.fromfile(str(reports / "junit.xml"))))
+    names = [case.name for case in suite]
+    assert "everything delivered" in names
+    assert "run completed" in names
+    assert suite.failures == 0
+    assert suite.errors == 0
+    assert {p.name for p in reports.iterdir()} == {
+        "junit.xml",
+        "summary.md",
+        "summary.csv",
+        "timeseries.csv",
+        "report.json",
+    }
+    assert "✅ passed" in (reports / "summary.md").read_text(encoding="utf-8")
+
+
+def test_a_check_that_fails_fails_the_run_with_exit_code_1(
+    run_cli: RunCLI, tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    scenario = scenario_file(
+        tmp_path, broker.url, ["delivery_ratio >= 0.999", "e2e_latency.p99 < 1us"]
+    )
+    done = run_cli("run", str(scenario), "--report-dir", str(tmp_path / "r"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAIL" in done.stdout
+    suite = next(iter(JUnitXml.fromfile(str(tmp_path / "r" / "junit.xml"))))
+    results = {case.name: case.result for case in suite}
+    assert results["delivery_ratio >= 0.999"] == []
+    [failure] = results["e2e_latency.p99 < 1us"]
+    assert isinstance(failure, Failure)
+    assert "expected < 1 us" in (failure.message or "")
+
+
+def test_a_scenario_whose_brokers_are_all_unreachable_is_a_failed_run(
+    run_cli: RunCLI, tmp_path: Path
+) -> None:
+    # The probe cannot subscribe either: said plainly, no traceback.
+    scenario = scenario_file(tmp_path, "mqtt://127.0.0.1:1", ["delivery_ratio >= 0.9"], 2)
+    done = run_cli("run", str(scenario), "--report-dir", str(tmp_path / "r"))
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "the probe could not subscribe at mqtt://127.0.0.1:1" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("checks", "expected"),
+    [
+        (["e2e_latncy.p99 < 1s"], "e2e_latency.p99"),
+        (["delivery_ratio >= 0.99 ms"], "delivery_ratio"),
+    ],
+)
+def test_a_check_that_does_not_parse_is_exit_code_2_before_anything_connects(
+    run_cli: RunCLI, tmp_path: Path, checks: list[str], expected: str
+) -> None:
+    scenario = scenario_file(tmp_path, "mqtt://127.0.0.1:1", checks)
+    done = run_cli("run", str(scenario), "--report-dir", str(tmp_path / "r"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "checks[0]" in done.stderr
+    assert expected in done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_model_without_a_broker_is_exit_code_2(run_cli: RunCLI) -> None:
+    done = run_cli("run", THERMOSTAT)
+    assert done.returncode == 2
+    assert "--broker is required" in done.stderr
