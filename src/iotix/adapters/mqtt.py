@@ -351,13 +351,15 @@ async def open_connection(
     off, its unacknowledged messages are sent again."""
     session = session or MQTTClientSession(settings)
     connection: MQTTConnection | None = None
+
+    def protocol() -> MQTTConnection:
+        return MQTTConnection(session, on_event=on_event, keepalive_timer=keepalive_timer)
+
     try:
         async with asyncio.timeout(timeout_s):
             if websocket_path is not None:
                 _, connection = await create_websocket_connection(
-                    lambda: MQTTConnection(
-                        session, on_event=on_event, keepalive_timer=keepalive_timer
-                    ),
+                    protocol,
                     host,
                     port,
                     path=websocket_path,
@@ -369,9 +371,7 @@ async def open_connection(
                 )
             else:
                 _, connection = await create_stream(
-                    lambda: MQTTConnection(
-                        session, on_event=on_event, keepalive_timer=keepalive_timer
-                    ),
+                    protocol,
                     host,
                     port,
                     ssl=ssl_context,

@@ -202,9 +202,10 @@ def load_model_data(data: Any, *, file: Path | None = None, lines: Any = None) -
     return LoadedModel(spec, file)
 
 
-def load_model(path: Path | str) -> LoadedModel:
-    """Load and validate one model file (YAML or JSON)."""
-    file = Path(path)
+def read_document(file: Path, *, what: str = "models") -> tuple[Any, _LineMap]:
+    """A YAML or JSON file as plain data and its line map; a file that is missing,
+    unreadable, of another type or not valid YAML/JSON is a ModelError (``what`` names
+    the kind of file in the hint)."""
     if file.suffix not in SUFFIXES:
         raise ModelError(
             [
@@ -212,7 +213,7 @@ def load_model(path: Path | str) -> LoadedModel:
                     (),
                     f"unsupported file type {file.suffix or '(none)'!r}",
                     file=file,
-                    hint="models are .yaml, .yml or .json files",
+                    hint=f"{what} are .yaml, .yml or .json files",
                 )
             ]
         )
@@ -222,5 +223,11 @@ def load_model(path: Path | str) -> LoadedModel:
         raise ModelError([ModelIssue((), "no such file", file=file)]) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelError([ModelIssue((), f"cannot read the file: {exc}", file=file)]) from exc
-    data, lines = parse_document(text, file)
+    return parse_document(text, file)
+
+
+def load_model(path: Path | str) -> LoadedModel:
+    """Load and validate one model file (YAML or JSON)."""
+    file = Path(path)
+    data, lines = read_document(file)
     return load_model_data(data, file=file, lines=lines)

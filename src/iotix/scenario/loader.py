@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from iotix.engine.stages import Stage, StagesError, StageSpec, parse_stage_specs
 from iotix.engine.worker import BrokerEndpoint, RunConfigError, parse_brokers
 from iotix.errors import ModelError, ModelIssue
-from iotix.model.loader import LoadedModel, load_model, parse_document
+from iotix.model.loader import LoadedModel, load_model, read_document
 from iotix.scenario.checks import CheckError, parse_check
 from iotix.scenario.spec import CheckSpec, FleetSpec, ScenarioSpec, StageEntrySpec
 
@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 PathKey = tuple[str | int, ...]
-SUFFIXES = (".yaml", ".yml", ".json")
 DEFAULT_DURATION_S = 60.0
 """A scenario's duration when it gives neither a duration nor stages."""
 
@@ -437,25 +436,8 @@ def load_scenario(path: Path | str) -> LoadedScenario:
     the field path and a hint.
     """
     file = Path(path)
-    if file.suffix not in SUFFIXES:
-        raise ScenarioError(
-            [
-                ModelIssue(
-                    (),
-                    f"unsupported file type {file.suffix or '(none)'!r}",
-                    file=file,
-                    hint="scenarios are .yaml, .yml or .json files",
-                )
-            ]
-        )
     try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ScenarioError([ModelIssue((), "no such file", file=file)]) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScenarioError([ModelIssue((), f"cannot read the file: {exc}", file=file)]) from exc
-    try:
-        data, lines = parse_document(text, file)
-    except ModelError as exc:  # a syntax error, located by the model loader's parser
+        data, lines = read_document(file, what="scenarios")
+    except ModelError as exc:  # missing, unreadable, or a syntax error, located
         raise ScenarioError(exc.issues) from exc
     return load_scenario_data(data, file=file, lines=lines)
