@@ -43,7 +43,7 @@ from iotix.protocols.mqtt.packets import ProtocolVersion
 from iotix.scenario.loader import load_scenario
 from iotix.scenario.reports import append_github_summary, json_report, write_reports
 from iotix.scenario.runner import plan_scenario, report_scenario
-from iotix.schema import model_schema
+from iotix.schema import model_schema, scenario_schema
 from iotix.testing.embedded import EmbeddedBroker
 
 
@@ -822,9 +822,15 @@ def demo(
 
 
 @app.command()
-def schema() -> None:
-    """Print the JSON Schema of the device-model language (for editors and CI)."""
-    sys.stdout.write(json.dumps(model_schema(), indent=2) + "\n")
+def schema(
+    scenario: Annotated[
+        bool, typer.Option("--scenario", help="The scenario file's schema instead.")
+    ] = False,
+) -> None:
+    """Print the JSON Schema of the device-model language, or of scenario files (for
+    editors and CI)."""
+    document = scenario_schema() if scenario else model_schema()
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
 def main() -> None:

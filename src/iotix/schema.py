@@ -3,8 +3,7 @@
 The committed copies under ``schemas/`` are what editors and CI validate against; tests
 fail when they drift from the code. Regenerate them with
 ``iotix schema > schemas/device-model.schema.json`` and
-``python -c "import json; from iotix.schema import scenario_schema;
-print(json.dumps(scenario_schema(), indent=2))" > schemas/scenario.schema.json``.
+``iotix schema --scenario > schemas/scenario.schema.json``.
 """
 
 from __future__ import annotations

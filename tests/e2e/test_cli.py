@@ -725,3 +725,11 @@ def test_schema_prints_the_committed_schema(run_cli: RunCLI) -> None:
     assert result.returncode == EXIT_OK, result.stderr
     committed = json.loads(COMMITTED_SCHEMA.read_text(encoding="utf-8"))
     assert json.loads(result.stdout) == committed
+
+
+def test_schema_scenario_prints_the_committed_scenario_schema(run_cli: RunCLI) -> None:
+    result = run_cli("schema", "--scenario")
+
+    assert result.returncode == EXIT_OK, result.stderr
+    committed = COMMITTED_SCHEMA.parent / "scenario.schema.json"
+    assert json.loads(result.stdout) == json.loads(committed.read_text(encoding="utf-8"))

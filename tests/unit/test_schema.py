@@ -58,9 +58,8 @@ SCENARIO_EXAMPLES = sorted((ROOT / "examples" / "scenarios").glob("*.y*ml")) + s
 def test_committed_scenario_schema_is_in_sync_with_the_code() -> None:
     committed = json.loads(SCENARIO_COMMITTED.read_text(encoding="utf-8"))
     assert committed == scenario_schema(), (
-        'schemas/scenario.schema.json is stale; regenerate it with `python -c "import json; '
-        "from iotix.schema import scenario_schema; print(json.dumps(scenario_schema(), "
-        'indent=2))" > schemas/scenario.schema.json`'
+        "schemas/scenario.schema.json is stale; regenerate it with "
+        "`iotix schema --scenario > schemas/scenario.schema.json`"
     )
 
 
