@@ -7,6 +7,7 @@ raises anything else on bad input.
 - :class:`IotixError`
     - :class:`ModelError` — a device model is invalid. Carries ``issues``: each one names
       the file, the line where it can be known, the field path, the problem and a hint.
+        - ``ScenarioError`` (:mod:`iotix.scenario.loader`) — the same for a scenario file.
     - :class:`ExpressionError` — a derived expression does not parse, is unsafe, refers
       to a missing name, or fails while being evaluated. ``expression`` holds the source.
     - :class:`PayloadError` — a payload cannot be built or encoded (a value overflows its
@@ -17,6 +18,13 @@ raises anything else on bad input.
       packet). ``reason_code`` is the code to close with, where the protocol has one.
         - :class:`MQTTProtocolError` — malformed MQTT, with the MQTT 5 reason code
           (0x81 malformed packet, 0x82 protocol error, 0x95 packet too large, ...).
+        - ``WebSocketError`` (:mod:`iotix.protocols.websocket`) — a broken WebSocket
+          frame or upgrade; ``reason_code`` is the close code.
+
+Defined beside the code they belong to, and also IotixErrors: ``RunConfigError`` (run
+settings, :mod:`iotix.engine.worker`), ``StagesError`` (:mod:`iotix.engine.stages`),
+``CheckError`` (:mod:`iotix.scenario.checks`), ``TLSConfigError``
+(:mod:`iotix.adapters.tls`), ``MQTTConnectError`` (:mod:`iotix.adapters.mqtt`).
 """
 
 from __future__ import annotations
