@@ -84,6 +84,7 @@ def test_the_smoke_example_passes_and_writes_every_report(
         "summary.csv",
         "timeseries.csv",
         "report.json",
+        "report.html",
     }
     assert "✅ passed" in (reports / "summary.md").read_text(encoding="utf-8")
 

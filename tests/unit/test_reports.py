@@ -404,6 +404,7 @@ def test_write_reports_writes_every_format_into_a_new_directory(tmp_path: Path) 
         "csv": "summary.csv",
         "csv_time_series": "timeseries.csv",
         "json": "report.json",
+        "html": "report.html",
     }
     assert all(path.parent == directory for path in paths.values())
     assert paths["junit"].read_bytes() == junit_xml(report)
@@ -424,8 +425,8 @@ def test_write_reports_takes_one_format_as_a_string(tmp_path: Path) -> None:
 
 
 def test_write_reports_rejects_an_unknown_format_naming_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'html'") as raised:
-        write_reports(make_report(), tmp_path / "out", formats=["json", "html"])
+    with pytest.raises(ValueError, match="'pdf'") as raised:
+        write_reports(make_report(), tmp_path / "out", formats=["json", "pdf"])
     assert all(name in str(raised.value) for name in REPORT_FORMATS)
     assert not (tmp_path / "out").exists()
 

@@ -4,7 +4,9 @@ verdict and reports.
 - :mod:`iotix.scenario.spec`: the scenario file's schema (pydantic) and its loader.
 - :mod:`iotix.scenario.checks`: thresholds over a run's metrics (``e2e_latency.p99 <
   200ms``) and their evaluation.
-- :mod:`iotix.scenario.reports`: JUnit XML, Markdown, CSV and JSON reports of a run.
+- :mod:`iotix.scenario.reports`: JUnit XML, Markdown, CSV and JSON reports of a run;
+  :mod:`iotix.scenario.html`: the self-contained HTML report.
+- :mod:`iotix.scenario.runner`: a scenario's run plan, and its report once it has run.
 
 The types the three share are here.
 """

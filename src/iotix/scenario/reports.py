@@ -46,7 +46,7 @@ import orjson
 from iotix.metrics import TimeSeriesRow
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Mapping, Sequence
 
     from iotix.scenario import CheckResult, RunReport
 
@@ -61,7 +61,7 @@ __all__ = [
     "write_reports",
 ]
 
-REPORT_FORMATS = ("junit", "markdown", "csv", "json")
+REPORT_FORMATS = ("junit", "markdown", "csv", "json", "html")
 """The formats :func:`write_reports` knows."""
 
 RUN_COMPLETED = "run completed"
@@ -509,11 +509,14 @@ def write_reports(
     report: RunReport,
     directory: Path,
     formats: Iterable[str] = REPORT_FORMATS,
+    *,
+    fault_windows: Sequence[tuple[str, float, float]] = (),
 ) -> dict[str, Path]:
     """Write the reports in ``formats`` into ``directory`` (created if missing).
 
     Files: ``junit.xml``, ``summary.md``, ``summary.csv`` and ``timeseries.csv`` (both
-    for ``csv``), ``report.json``. Returns their paths by key: the format's name, and
+    for ``csv``), ``report.json``, ``report.html`` (:mod:`iotix.scenario.html`; fault
+    windows shaded when given). Returns their paths by key: the format's name, and
     ``csv_time_series`` for ``timeseries.csv``. An unknown format raises
     :class:`ValueError` before anything is written.
     """
@@ -533,6 +536,12 @@ def write_reports(
         elif name == "csv":
             contents["csv"] = ("summary.csv", csv_summary(report).encode())
             contents["csv_time_series"] = ("timeseries.csv", csv_time_series(report).encode())
+        elif name == "html":
+            # html builds on this module's helpers: imported here, not at the top.
+            from iotix.scenario.html import html_report  # noqa: PLC0415
+
+            page = html_report(report, fault_windows=fault_windows)
+            contents["html"] = ("report.html", page.encode())
         else:
             contents["json"] = ("report.json", json_report(report))
     directory.mkdir(parents=True, exist_ok=True)
