@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -13,11 +14,11 @@ from iotix.testing import MosquittoBroker, find_mosquitto
 if TYPE_CHECKING:
     import subprocess
     from collections.abc import Callable, Iterator
-    from pathlib import Path
 
     RunCLI = Callable[..., subprocess.CompletedProcess[str]]
 
 THERMOSTAT = "examples/device-models/thermostat.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,25 @@ def test_the_smoke_example_passes_and_writes_every_report(
         "report.html",
     }
     assert "✅ passed" in (reports / "summary.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "example", sorted(p.name for p in (REPO_ROOT / "examples" / "scenarios").glob("*.yaml"))
+)
+def test_every_example_scenario_passes_at_a_tenth_of_its_size(
+    run_cli: RunCLI, tmp_path: Path, broker: MosquittoBroker, example: str
+) -> None:
+    done = run_cli(
+        "run",
+        f"examples/scenarios/{example}",
+        "--broker",
+        broker.url,
+        "--scale",
+        "0.1",
+        "--report-dir",
+        str(tmp_path),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_a_check_that_fails_fails_the_run_with_exit_code_1(
