@@ -29,6 +29,7 @@ from iotix.engine.fleet import FleetPlan, FleetResult, WorkerDeath, default_work
 from iotix.engine.results import results_document, summarise
 from iotix.engine.stages import StagePlan, parse_stages
 from iotix.engine.worker import (
+    BrokerEndpoint,
     RunConfigError,
     RunSettings,
     default_source_addresses,
@@ -40,9 +41,11 @@ from iotix.model.loader import SUFFIXES, LoadedModel, load_model, parse_document
 from iotix.model.runtime import Message
 from iotix.preview import PlannedCommand, Preview, preview_model
 from iotix.protocols.mqtt.packets import ProtocolVersion
-from iotix.scenario.loader import load_scenario
+from iotix.scenario import RunReport
+from iotix.scenario.faultrig import FaultRig
+from iotix.scenario.loader import LoadedScenario, load_scenario
 from iotix.scenario.reports import append_github_summary, json_report, write_reports
-from iotix.scenario.runner import plan_scenario, report_scenario
+from iotix.scenario.runner import ScenarioPlan, plan_scenario, report_scenario
 from iotix.schema import model_schema, scenario_schema
 from iotix.testing.embedded import EmbeddedBroker
 
@@ -669,6 +672,26 @@ def _is_scenario(path: Path) -> bool:
 EXIT_CHECKS_FAILED = 1
 
 
+def _fault_rig(
+    scenario: LoadedScenario, *, scale: float, override: tuple[BrokerEndpoint, ...] | None
+) -> tuple[FaultRig, ScenarioPlan]:
+    """Start the fault proxies; the plan whose fleets go through them (the probe goes
+    direct, to see what got through)."""
+    names = {fleet.broker: override or fleet.brokers for fleet in scenario.fleets}
+    rig = FaultRig(scenario.faults, names, scale=scale, seed=scenario.seed)
+    plan = plan_scenario(scenario, scale=scale, brokers=override, routes=rig.start())
+    return rig, plan
+
+
+def _show_checks(console: Console, report: RunReport) -> None:
+    console.print("[bold]Checks[/]")
+    for check in report.checks:
+        mark = "[green]pass[/]" if check.passed else "[bold red]FAIL[/]"
+        console.print(f"  {mark}  {escape(check.name)}: {escape(check.message)}")
+    if not report.checks:
+        console.print("  (none defined)")
+
+
 def _run_scenario(
     path: Path,
     *,
@@ -683,9 +706,8 @@ def _run_scenario(
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
         scenario = load_scenario(path)
-        plan = plan_scenario(
-            scenario, scale=scale, brokers=parse_brokers(broker) if broker else None
-        )
+        override = parse_brokers(broker) if broker else None
+        plan = plan_scenario(scenario, scale=scale, brokers=override)
     except ModelError as exc:
         _print_model_error(err, exc)
         raise typer.Exit(EXIT_INVALID) from None
@@ -700,23 +722,33 @@ def _run_scenario(
         f"{plan.settings.duration_s:g} s, {len(plan.checks)} checks"
         + (f", scale {scale:g}" if scale != 1 else "")
     )
+    rig = None
+    if scenario.faults:
+        rig, plan = _fault_rig(scenario, scale=scale, override=override)
+        console.print(f"  {len(scenario.faults)} faults, through {len(rig.proxies)} proxies")
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    outcome, series, _ = _run_live(
-        console,
-        plan.fleets,
-        plan.settings,
-        workers=worker_count,
-        probe_sample=scenario.probe,
-        on_worker_death=on_worker_death.value,
-    )
+    try:
+        if rig is not None:
+            rig.begin()
+        outcome, series, _ = _run_live(
+            console,
+            plan.fleets,
+            plan.settings,
+            workers=worker_count,
+            probe_sample=scenario.probe,
+            on_worker_death=on_worker_death.value,
+        )
+    finally:
+        windows = rig.windows() if rig is not None else []
+        fault_stats = rig.stats() if rig is not None else None
+        if rig is not None:
+            rig.stop()  # every fault reverted, whatever happened
     report = report_scenario(scenario, plan, outcome, series, started_at=started_at)
-    console.print("[bold]Checks[/]")
-    for check in report.checks:
-        mark = "[green]pass[/]" if check.passed else "[bold red]FAIL[/]"
-        console.print(f"  {mark}  {escape(check.name)}: {escape(check.message)}")
-    if not report.checks:
-        console.print("  (none defined)")
-    written = write_reports(report, report_dir)
+    if fault_stats is not None:
+        report.metadata["faults"] = [label for label, _, _ in windows]
+        report.metadata["fault_proxies"] = fault_stats
+    _show_checks(console, report)
+    written = write_reports(report, report_dir, fault_windows=windows)
     append_github_summary(report)
     console.print(
         f"  reports: {escape(str(report_dir))}/ ({', '.join(p.name for p in written.values())})"

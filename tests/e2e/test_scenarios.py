@@ -159,3 +159,68 @@ def test_a_model_without_a_broker_is_exit_code_2(run_cli: RunCLI) -> None:
     done = run_cli("run", THERMOSTAT)
     assert done.returncode == 2
     assert "--broker is required" in done.stderr
+
+
+PULSE = {
+    "name": "pulse",
+    "fields": {"n": {"kind": "counter"}},
+    "messages": {"telemetry": {"schedule": {"kind": "interval", "interval_s": 0.1}}},
+}
+
+
+def fault_scenario(tmp_path: Path, broker_url: str, qos: int, **fields: object) -> Path:
+    """Eight devices sending ten messages a second each, for 5 s."""
+    model = (tmp_path / "pulse.json").resolve()
+    model.write_text(json.dumps(PULSE), encoding="utf-8")
+    path = tmp_path / "faults.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "faulty",
+                "brokers": {"main": broker_url},
+                "fleets": [{"name": "t", "model": str(model), "devices": 8, "qos": qos}],
+                "duration": "5s",
+                **fields,
+            }
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_injected_latency_shows_in_the_ack_latency_and_in_the_report(
+    run_cli: RunCLI, tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    # Both directions are delayed: a PUBACK takes twice the delay while the fault lasts.
+    scenario = fault_scenario(
+        tmp_path,
+        broker.url,
+        1,
+        faults=[{"kind": "latency", "at": "1s", "duration": "2s", "delay": "300ms"}],
+        checks=["ack_latency.max >= 500ms", "ack_latency.p50 < 300ms"],
+    )
+    done = run_cli("run", str(scenario), "--report-dir", str(tmp_path / "r"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 faults, through 1 proxies" in done.stdout
+    page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert 'class="fault"' in page
+    assert "latency" in page
+    report = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))
+    [stats] = report["metadata"]["fault_proxies"].values()
+    assert stats["faults"][0]["bytes_delayed"] > 0
+
+
+def test_a_partition_loses_messages_and_the_devices_carry_on_after_it(
+    run_cli: RunCLI, tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    # The probe goes straight to the broker: it sees what the partition kept away.
+    scenario = fault_scenario(
+        tmp_path,
+        broker.url,
+        0,
+        probe=1.0,
+        faults=[{"kind": "partition", "at": "1s", "duration": "2s"}],
+        checks=["delivery_ratio < 0.999", "messages_sent > 0"],
+    )
+    done = run_cli("run", str(scenario), "--report-dir", str(tmp_path / "r"))
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -543,3 +543,51 @@ def test_a_check_on_an_unknown_metric_is_refused_before_anything_runs(tmp_path: 
     [issue] = caught.value.issues
     assert issue.path == ("checks", 0)
     assert "e2e_latency.p99" in issue.problem
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+def test_a_fault_timeline_loads_with_times_in_seconds(tmp_path: Path) -> None:
+    faults = [
+        {"kind": "latency", "at": "5s", "duration": "10s", "delay": "200ms", "jitter": "20ms"},
+        {"kind": "partition", "at": 20, "duration": "5s", "share": 0.5, "broker": "main"},
+        {"kind": "reset", "at": "30s"},
+    ]
+    loaded = _load(tmp_path, faults=faults, duration="1m")
+    latency, partition, reset = loaded.faults
+    assert (latency.at_s, latency.duration_s, latency.delay_s, latency.jitter_s) == (
+        5.0,
+        10.0,
+        0.2,
+        0.02,
+    )
+    assert (partition.share, partition.broker) == (0.5, "main")
+    assert reset.duration_s is None
+
+
+@pytest.mark.parametrize(
+    ("fault", "path", "words"),
+    [
+        ({"kind": "reset", "at": "1s", "duration": "1s"}, "faults[0]", "has no duration"),
+        ({"kind": "latency", "at": "1s", "delay": "1s"}, "faults[0]", "needs a duration"),
+        ({"kind": "wobble", "at": "1s"}, "faults[0]", "wobble"),
+        (
+            {"kind": "blackhole", "at": "1s", "duration": "1s", "broker": "mian"},
+            "faults[0].broker",
+            "unknown broker 'mian'",
+        ),
+        ({"kind": "blackhole", "at": "2m", "duration": "1s"}, "faults[0].at", "is over"),
+        (
+            {"kind": "blackhole", "at": "1s", "duration": "1s", "share": 1.5},
+            "faults[0].share",
+            "less than or equal to 1",
+        ),
+    ],
+)
+def test_a_bad_fault_is_refused_with_its_path(
+    tmp_path: Path, fault: dict[str, Any], path: str, words: str
+) -> None:
+    issue = _only(tmp_path, faults=[fault], duration="1m")
+    assert issue.dotted_path.startswith(path), issue
+    assert words in str(issue), issue

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
     from pydantic import BaseModel
 
+    from iotix.scenario.spec import FaultEntry
+
 __all__ = [
     "DEFAULT_DURATION_S",
     "LoadedFleet",
@@ -94,6 +96,8 @@ class LoadedScenario:
     """(name, expression) pairs, names unique; the expressions are not parsed here."""
     seed: int
     probe: float | None
+    faults: tuple[FaultEntry, ...] = ()
+    """The network faults, in the file's order (times in seconds from the run's start)."""
 
     @property
     def name(self) -> str:
@@ -248,6 +252,25 @@ class _Checker:
                 )
             )
         return loaded
+
+    def faults(self, duration_s: float) -> None:
+        """A fault names a known broker and starts within the run."""
+        names = list(self.spec.brokers)
+        for i, fault in enumerate(self.spec.faults):
+            if fault.broker is not None and fault.broker not in self.spec.brokers:
+                close = difflib.get_close_matches(fault.broker, names, n=1)
+                self.add(
+                    ("faults", i, "broker"),
+                    f"unknown broker {fault.broker!r}",
+                    (f"did you mean {close[0]!r}? " if close else "")
+                    + f"brokers defines: {', '.join(names)}",
+                )
+            if fault.at_s >= duration_s:
+                self.add(
+                    ("faults", i, "at"),
+                    f"the fault starts at {fault.at_s:g} s, when the run ({duration_s:g} s) "
+                    "is over",
+                )
 
     def _broker(self, i: int, fleet: FleetSpec, names: list[str]) -> str | None:
         if fleet.broker is None:
@@ -414,6 +437,7 @@ def load_scenario_data(
     stages = checker.stages(sum(fleet.devices for fleet in spec.fleets))
     duration_s = checker.duration_s(stages)
     checks = checker.checks()
+    checker.faults(duration_s)
     if checker.issues:
         raise ScenarioError(checker.issues)
     return LoadedScenario(
@@ -426,6 +450,7 @@ def load_scenario_data(
         checks=checks,
         seed=spec.seed,
         probe=spec.probe,
+        faults=tuple(spec.faults),
     )
 
 

@@ -22,6 +22,8 @@ from iotix.scenario import RunReport
 from iotix.scenario.checks import Check, evaluate, parse_check, run_metrics
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from iotix.engine.fleet import FleetResult
     from iotix.engine.worker import BrokerEndpoint
     from iotix.metrics import TimeSeries
@@ -44,22 +46,25 @@ def plan_scenario(
     *,
     scale: float = 1.0,
     brokers: tuple[BrokerEndpoint, ...] | None = None,
+    routes: Mapping[BrokerEndpoint, BrokerEndpoint] | None = None,
 ) -> ScenarioPlan:
     """The fleets and settings of ``scenario``, with every fleet's devices and every
     duration multiplied by ``scale`` (at least one device a fleet); ``brokers`` replaces
-    every fleet's broker (to point an example at your own)."""
+    every fleet's broker (to point an example at your own); ``routes`` sends the fleets
+    to other endpoints than their brokers' (the fault proxies), not the probe."""
     if not scale > 0:
         raise ValueError(f"scale must be above 0, not {scale}")
     total = scenario.devices
     fleets = []
     for fleet in scenario.fleets:
         devices = max(1, round(fleet.devices * scale))
+        endpoints = brokers or fleet.brokers
         overrides: dict[str, Any] = {
-            "brokers": brokers or fleet.brokers,
+            "brokers": tuple((routes or {}).get(e, e) for e in endpoints),
             "username": fleet.username,
             "password": fleet.password,
             "qos": fleet.qos,
-            "source_addresses": default_source_addresses(brokers or fleet.brokers, devices),
+            "source_addresses": default_source_addresses(endpoints, devices),
         }
         if scenario.stages:
             # Each fleet follows the stages in proportion to its share of the devices.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from fractions import Fraction
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -27,6 +27,7 @@ from pydantic import (
     Tag,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from iotix.engine.stages import StagesError, parse_duration_s, parse_stage_specs
@@ -194,6 +195,90 @@ Stages = Annotated[
 ]
 
 
+class _FaultSpec(Spec):
+    """When, where and for how long a network fault applies."""
+
+    at_s: StageDuration = Field(alias="at", description="When it starts, from the run's start.")
+    duration_s: Duration | None = Field(
+        default=None,
+        alias="duration",
+        description="How long it lasts; then it is reverted. Required, except for reset.",
+    )
+    broker: BrokerName | None = Field(
+        default=None, description="Only the connections to this broker; default: every broker."
+    )
+    share: float = Field(
+        default=1.0, gt=0, le=1, description="The fraction of those connections it hits."
+    )
+
+    @model_validator(mode="after")
+    def _duration_given(self) -> _FaultSpec:
+        kind = getattr(self, "kind", "")
+        if kind == "reset" and self.duration_s is not None:
+            raise ValueError("a reset happens once: it has no duration")
+        if kind != "reset" and self.duration_s is None:
+            raise ValueError(f"a {kind} fault needs a duration (it is reverted after it)")
+        return self
+
+
+class LatencyFaultSpec(_FaultSpec):
+    """Every chunk of data, both ways, delayed by ``delay`` ± ``jitter``."""
+
+    kind: Literal["latency"]
+    delay_s: Duration = Field(alias="delay")
+    jitter_s: StageDuration = Field(default=0.0, alias="jitter")
+
+
+class BandwidthFaultSpec(_FaultSpec):
+    """Each connection capped at ``bytes_per_s`` each way."""
+
+    kind: Literal["bandwidth"]
+    bytes_per_s: int = Field(gt=0)
+
+
+class BlackholeFaultSpec(_FaultSpec):
+    """Nothing forwarded either way; the connections stay open (a stall)."""
+
+    kind: Literal["blackhole"]
+
+
+class ResetFaultSpec(_FaultSpec):
+    """The connections reset at once (a one-shot; devices reconnect)."""
+
+    kind: Literal["reset"]
+
+
+class SlowCloseFaultSpec(_FaultSpec):
+    """A close from either side passed on ``delay`` late."""
+
+    kind: Literal["slow_close"]
+    delay_s: Duration = Field(alias="delay")
+
+
+class PartitionFaultSpec(_FaultSpec):
+    """The connections cut off (blackholed) and new ones refused."""
+
+    kind: Literal["partition"]
+
+
+class TargetDownFaultSpec(_FaultSpec):
+    """The broker unreachable: connections reset, new ones refused."""
+
+    kind: Literal["target_down"]
+
+
+FaultEntry = Annotated[
+    LatencyFaultSpec
+    | BandwidthFaultSpec
+    | BlackholeFaultSpec
+    | ResetFaultSpec
+    | SlowCloseFaultSpec
+    | PartitionFaultSpec
+    | TargetDownFaultSpec,
+    Field(discriminator="kind"),
+]
+
+
 class ScenarioSpec(Spec):
     """A whole run: where devices connect, which devices, how many when, and the checks
     that decide the verdict."""
@@ -228,6 +313,12 @@ class ScenarioSpec(Spec):
     checks: list[CheckEntry] = Field(
         default_factory=list,
         description="Conditions on the run's metrics; each a string, or {name, check}.",
+    )
+    faults: list[FaultEntry] = Field(
+        default_factory=list,
+        description="Network faults on a timeline, applied by a proxy between the devices "
+        "and their brokers: latency, bandwidth, blackhole, reset, slow_close, partition, "
+        "target_down.",
     )
 
     @field_validator("stages", mode="after")
