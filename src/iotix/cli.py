@@ -786,6 +786,8 @@ DEMO_EPILOGUE = """
   iotix preview examples/device-models/smart-meter.yaml      what one model sends, decoded
   iotix run examples/device-models/thermostat.yaml --broker mqtt://YOUR-BROKER:1883 \\
       --devices 1000 --duration 60 --probe 0.1 --results run.json
+  iotix run examples/scenarios/smoke.yaml --broker mqtt://YOUR-BROKER:1883
+                                                            a verdict and CI reports
   docs/model-language.md                                    write a model of your own device
   docs/running.md                                           every option of iotix run
 """
