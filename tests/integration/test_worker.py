@@ -37,17 +37,23 @@ async def until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
-def worker_for(broker: MosquittoBroker, devices: int, **settings: Any) -> Worker:
-    on_connected = settings.pop("on_connected", None)
+def worker_for(
+    broker: MosquittoBroker,
+    devices: int,
+    *,
+    model: dict[str, Any] = FAST_MODEL,
+    on_connected: Callable[[int, float], None] | None = None,
+    **settings: Any,
+) -> Worker:
+    """A worker of ``devices`` devices of ``model`` against ``broker``; quick reconnects
+    unless ``settings`` say otherwise."""
+    settings.setdefault("reconnect_min_s", 0.2)
+    settings.setdefault("reconnect_max_s", 1.0)
     return Worker(
-        load_model_data(FAST_MODEL),
+        load_model_data(model),
         range(devices),
         RunSettings(
-            devices=devices,
-            brokers=(BrokerEndpoint(broker.host, broker.port),),
-            reconnect_min_s=0.2,
-            reconnect_max_s=1.0,
-            **settings,
+            devices=devices, brokers=(BrokerEndpoint(broker.host, broker.port),), **settings
         ),
         WallClock(),
         on_connected=on_connected,
@@ -94,17 +100,12 @@ def test_devices_dropped_together_reconnect_spread_out_by_jitter(
                 reconnected.append(at_s)
             first_round.add(row)
 
-        worker = Worker(
-            load_model_data(FAST_MODEL),
-            range(devices),
-            RunSettings(
-                devices=devices,
-                brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),),
-                reconnect_min_s=2.0,
-                reconnect_max_s=2.0,
-            ),
-            WallClock(),
+        worker = worker_for(
+            mosquitto,
+            devices,
             on_connected=on_connected,
+            reconnect_min_s=2.0,
+            reconnect_max_s=2.0,
         )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
@@ -143,12 +144,7 @@ def test_a_topic_no_publish_may_carry_is_an_error_per_message_not_a_crash(
     }
 
     async def scenario() -> Worker:
-        worker = Worker(
-            load_model_data(model),
-            range(20),
-            RunSettings(devices=20, brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),)),
-            WallClock(),
-        )
+        worker = worker_for(mosquitto, 20, model=model)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await until(lambda: worker.counters.messages_sent >= 40)
@@ -179,12 +175,8 @@ def test_a_reboot_command_drops_the_connection_until_the_device_is_back(
     paho.client.loop_start()
 
     async def scenario() -> Worker:
-        worker = Worker(
-            load_model_data(model),
-            range(3),
-            RunSettings(devices=3, brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),)),
-            WallClock(),
-            on_connected=lambda row, at: ready.append((row, at)),
+        worker = worker_for(
+            mosquitto, 3, model=model, on_connected=lambda row, at: ready.append((row, at))
         )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
@@ -244,12 +236,8 @@ def test_birth_on_every_connect_and_the_will_when_a_device_vanishes(
     paho.client.loop_start()
 
     async def scenario() -> Worker:
-        worker = Worker(
-            load_model_data(STATUS_MODEL),
-            range(2),
-            RunSettings(devices=2, brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),)),
-            WallClock(),
-            on_connected=lambda row, _at: ready.append(row),
+        worker = worker_for(
+            mosquitto, 2, model=STATUS_MODEL, on_connected=lambda row, _at: ready.append(row)
         )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
@@ -330,12 +318,7 @@ def test_a_broker_that_stops_reading_backs_devices_up_and_nothing_buffers_withou
     }
 
     async def scenario() -> Worker:
-        worker = Worker(
-            load_model_data(model),
-            range(1),
-            RunSettings(devices=1, brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),)),
-            WallClock(),
-        )
+        worker = worker_for(mosquitto, 1, model=model)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await until(lambda: worker.connected == 1)
@@ -373,16 +356,12 @@ def test_the_keepalive_wheel_keeps_silent_devices_connected(mosquitto: Mosquitto
     }
 
     async def scenario() -> Worker:
-        worker = Worker(
-            load_model_data(model),
-            range(5),
-            RunSettings(
-                devices=5,
-                brokers=(BrokerEndpoint(mosquitto.host, mosquitto.port),),
-                keepalive_s=1,
-                duration_s=8.0,  # Mosquitto checks keepalives every few seconds
-            ),
-            WallClock(),
+        worker = worker_for(
+            mosquitto,
+            5,
+            model=model,
+            keepalive_s=1,
+            duration_s=8.0,  # Mosquitto checks keepalives every few seconds
         )
         await worker.run()
         return worker
