@@ -1,9 +1,11 @@
 """Helpers shared by the broker tests: paho-mqtt wrapped as the independent client on
 the other side of a broker (its own network thread, events to wait on, never sleeps),
-and a check that a port is free again."""
+a bounded wait for a condition the event loop's own work makes true, and a check that a
+port is free again."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import queue
@@ -15,6 +17,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from paho.mqtt.properties import Properties
     from paho.mqtt.reasoncodes import ReasonCode
 
@@ -83,6 +87,14 @@ class PahoClient:
 
     def receive(self) -> mqtt.MQTTMessage:
         return self.messages.get(timeout=TIMEOUT_S)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Wait (bounded) for a condition that the loop's own work makes true: the state is
+    looked at between iterations of the loop, and a timeout fails the test."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
 def port_is_free(host: str, port: int) -> bool:

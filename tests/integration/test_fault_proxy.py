@@ -8,8 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from broker_helpers import TIMEOUT_S as PAHO_TIMEOUT_S
-from broker_helpers import PahoClient
+from broker_helpers import TIMEOUT_S, PahoClient, until
 
 from iotix.adapters.mqtt import MQTTConnectError, MQTTConnection, open_connection
 from iotix.clock import WallClock
@@ -28,11 +27,10 @@ from iotix.model.loader import load_model_data
 from iotix.protocols.mqtt.session import SessionSettings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from iotix.testing import MosquittoBroker
 
-TIMEOUT_S = 20.0
 FAST_MODEL: dict[str, Any] = {
     "name": "pulse",
     "fields": {"n": {"kind": "counter"}},
@@ -41,13 +39,6 @@ FAST_MODEL: dict[str, Any] = {
     },
 }
 _client_numbers = itertools.count()
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait (bounded) for a condition that the loop's own work makes true."""
-    async with asyncio.timeout(TIMEOUT_S):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 async def connect(proxy: FaultProxy) -> MQTTConnection:
@@ -82,7 +73,7 @@ def paho(mosquitto: MosquittoBroker) -> Iterator[PahoClient]:
     client.client.connect(mosquitto.host, mosquitto.port)
     client.client.loop_start()
     try:
-        assert client.connack.wait(PAHO_TIMEOUT_S)
+        assert client.connack.wait(TIMEOUT_S)
         client.subscribe("#", 1)
         yield client
     finally:

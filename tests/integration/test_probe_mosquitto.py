@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import orjson
 import paho.mqtt.client as paho
 import pytest
+from broker_helpers import until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotix.engine.probe import Probe, in_sample
@@ -52,9 +53,7 @@ def telemetry(device_id: str, seq: int) -> bytes:
 
 async def wait_until_received(probe: Probe, count: int) -> None:
     """Wait (bounded) until the probe's tracker has received ``count`` messages."""
-    async with asyncio.timeout(TIMEOUT_S):
-        while probe.tracker.received + probe.tracker.unparseable < count:
-            await asyncio.sleep(0.01)
+    await until(lambda: probe.tracker.received + probe.tracker.unparseable >= count, TIMEOUT_S)
 
 
 @pytest.fixture
@@ -148,9 +147,7 @@ def test_a_sampling_probe_follows_only_devices_in_its_sample(
             wall_clock=fixed_clock,
         ) as probe:
             await asyncio.to_thread(publish, mosquitto_session, messages)
-            async with asyncio.timeout(TIMEOUT_S):
-                while probe.tracker.received + probe.skipped < len(messages):
-                    await asyncio.sleep(0.01)
+            await until(lambda: probe.tracker.received + probe.skipped >= len(messages), TIMEOUT_S)
         return probe
 
     probe = asyncio.run(scenario())

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import uvloop
-from broker_helpers import PahoClient
+from broker_helpers import PahoClient, until
 from paho.mqtt.enums import MQTTProtocolVersion
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import Frame
@@ -222,9 +222,7 @@ def test_a_worker_runs_its_devices_over_websocket_from_a_ws_url(broker: Embedded
         )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
-        async with asyncio.timeout(TIMEOUT_S):
-            while worker.counters.messages_acked < 25:
-                await asyncio.sleep(0.01)
+        await until(lambda: worker.counters.messages_acked >= 25, TIMEOUT_S)
         stop.set()
         await running
         return worker
