@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from iotix.faults import (
     Blackhole,
     FaultProxy,
     Latency,
+    Loss,
     Partition,
     Reset,
     SlowClose,
@@ -25,11 +27,11 @@ from iotix.faults import (
 )
 from iotix.model.loader import load_model_data
 from iotix.protocols.mqtt.session import SessionSettings
+from iotix.testing import MosquittoBroker
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-
-    from iotix.testing import MosquittoBroker
+    from pathlib import Path
 
 FAST_MODEL: dict[str, Any] = {
     "name": "pulse",
@@ -66,11 +68,11 @@ def worker_through(proxy: FaultProxy, devices: int) -> Worker:
     )
 
 
-@pytest.fixture
-def paho(mosquitto: MosquittoBroker) -> Iterator[PahoClient]:
+@contextlib.contextmanager
+def subscriber(broker: MosquittoBroker) -> Iterator[PahoClient]:
     """A paho subscriber on the broker itself (not through the proxy), to ``#``."""
     client = PahoClient()
-    client.client.connect(mosquitto.host, mosquitto.port)
+    client.client.connect(broker.host, broker.port)
     client.client.loop_start()
     try:
         assert client.connack.wait(TIMEOUT_S)
@@ -79,6 +81,27 @@ def paho(mosquitto: MosquittoBroker) -> Iterator[PahoClient]:
     finally:
         client.client.disconnect()
         client.client.loop_stop()
+
+
+@pytest.fixture
+def paho(mosquitto: MosquittoBroker) -> Iterator[PahoClient]:
+    """A paho subscriber on ``mosquitto``, to ``#``."""
+    with subscriber(mosquitto) as client:
+        yield client
+
+
+@pytest.fixture
+def mosquitto_b(mosquitto_binary: Path) -> Iterator[MosquittoBroker]:
+    """A second broker, to fail over to."""
+    with MosquittoBroker(binary=mosquitto_binary) as broker:
+        yield broker
+
+
+@pytest.fixture
+def paho_b(mosquitto_b: MosquittoBroker) -> Iterator[PahoClient]:
+    """A paho subscriber on the second broker, to ``#``."""
+    with subscriber(mosquitto_b) as client:
+        yield client
 
 
 def test_without_faults_the_proxy_is_transparent(
@@ -356,6 +379,101 @@ def test_under_uvloop_faults_apply_and_resets_are_resets(mosquitto: MosquittoBro
         elapsed, stats = runner.run(scenario())
     assert elapsed >= 0.17  # two delays of 0.1 ± 0.01 (uvloop's clock ticks in ms)
     assert (stats["connections_reset"], stats["connections_refused"]) == (1, 1)
+
+
+def test_after_retarget_a_reconnecting_client_lands_on_the_second_broker(
+    mosquitto: MosquittoBroker,
+    mosquitto_b: MosquittoBroker,
+    paho: PahoClient,
+    paho_b: PahoClient,
+) -> None:
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        async with FaultProxy(mosquitto.host, mosquitto.port) as proxy:
+            connection = await connect(proxy)
+            await publish_acked(connection, b"before")
+            reset = proxy.retarget(mosquitto_b.host, mosquitto_b.port)
+            await connection.wait_closed()  # reset: the client must reconnect
+            connection = await connect(proxy)  # to the same address as before
+            await publish_acked(connection, b"after")
+            await connection.disconnect()
+            await until(lambda: proxy.connections == 0)
+            return reset, proxy.stats()
+
+    reset, stats = asyncio.run(scenario())
+    assert paho.receive().payload == b"before"
+    assert paho_b.receive().payload == b"after"
+    # B has the message that was acknowledged to the client, so A never will.
+    assert paho.messages.empty()
+    assert paho_b.messages.empty()
+    assert reset == 1
+    assert stats["retargets"] == 1
+    assert stats["target"] == {"host": mosquitto_b.host, "port": mosquitto_b.port}
+    assert stats["connections_accepted"] == 2
+
+
+def test_retarget_without_reset_keeps_existing_connections_on_the_old_broker(
+    mosquitto: MosquittoBroker,
+    mosquitto_b: MosquittoBroker,
+    paho: PahoClient,
+    paho_b: PahoClient,
+) -> None:
+    async def scenario() -> int:
+        async with FaultProxy(mosquitto.host, mosquitto.port) as proxy:
+            existing = await connect(proxy)
+            reset = proxy.retarget(mosquitto_b.host, mosquitto_b.port, reset_existing=False)
+            newer = await connect(proxy)
+            await publish_acked(existing, b"old route")
+            await publish_acked(newer, b"new route")
+            await existing.disconnect()
+            await newer.disconnect()
+            return reset
+
+    assert asyncio.run(scenario()) == 0
+    assert paho.receive().payload == b"old route"
+    assert paho_b.receive().payload == b"new route"
+    assert paho.messages.empty()
+    assert paho_b.messages.empty()
+
+
+def test_retarget_fails_worker_devices_over_to_the_second_broker(
+    mosquitto: MosquittoBroker, mosquitto_b: MosquittoBroker
+) -> None:
+    on_a: list[str] = []
+    on_b: list[str] = []
+
+    async def scenario(paho_a: PahoClient, paho_b: PahoClient) -> Worker:
+        paho_a.client.on_message = lambda _c, _u, m: on_a.append(m.topic)
+        paho_b.client.on_message = lambda _c, _u, m: on_b.append(m.topic)
+        async with FaultProxy(mosquitto.host, mosquitto.port) as proxy:
+            worker = worker_through(proxy, 5)
+            stop = asyncio.Event()
+            running = asyncio.create_task(worker.run(stop))
+            await until(lambda: worker.connected == 5 and len(on_a) > 5)
+            assert on_b == []
+            assert proxy.retarget(mosquitto_b.host, mosquitto_b.port) == 5
+            await until(
+                lambda: worker.counters.reconnects >= 5 and worker.connected == 5 and len(on_b) > 5
+            )
+            # Every device is on B now: A hears nothing more while B hears plenty.
+            heard_by_a, heard_by_b = len(on_a), len(on_b)
+            await until(lambda: len(on_b) > heard_by_b + 10)
+            assert len(on_a) == heard_by_a
+            stop.set()
+            await running
+            return worker
+
+    with subscriber(mosquitto) as paho_a, subscriber(mosquitto_b) as paho_b:
+        worker = asyncio.run(scenario(paho_a, paho_b))
+    assert worker.counters.reconciles(), worker.counters.problems()
+
+
+def test_a_udp_fault_is_refused_by_the_tcp_proxy() -> None:
+    async def scenario() -> None:
+        async with FaultProxy("127.0.0.1", 9) as proxy:
+            with pytest.raises(TypeError, match="Loss"):
+                proxy.apply(Loss(0.5))
+
+    asyncio.run(scenario())
 
 
 class _Sink(asyncio.Protocol):

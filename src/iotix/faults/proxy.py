@@ -44,6 +44,11 @@ nest: with one seed, the connections of share 0.1 are among those of share 0.5.
 - :class:`TargetDown`: the selected existing connections are reset and new ones
   refused, as if the broker had crashed.
 
+**Failover.** :meth:`FaultProxy.retarget` moves the proxy to another target, as a
+virtual IP moves to a second broker: new connections go there, and the existing ones
+are reset so that their clients reconnect and land there (or, with
+``reset_existing=False``, stay with the old target until they close).
+
 "Refused" means accepted and reset at once: a user-space proxy cannot answer a SYN with
 RST, so the client sees its connection reset before any reply instead of ECONNREFUSED.
 
@@ -64,14 +69,16 @@ import random
 import socket
 import struct
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 if TYPE_CHECKING:
     from types import TracebackType
 
 __all__ = [
     "QUEUE_HIGH_BYTES",
+    "TCP_FAULTS",
     "Bandwidth",
+    "BaseFaultHandle",
     "Blackhole",
     "FaultHandle",
     "FaultProxy",
@@ -82,6 +89,7 @@ __all__ = [
     "SlowClose",
     "TargetDown",
     "selects",
+    "share_rank",
 ]
 
 QUEUE_HIGH_BYTES = 256 * 1024
@@ -179,13 +187,18 @@ class TargetDown(FaultSpec):
     """Reset the selected connections and refuse new ones: the broker looks crashed."""
 
 
+TCP_FAULTS = (Latency, Bandwidth, Blackhole, Reset, SlowClose, Partition, TargetDown)
+"""The fault kinds :class:`FaultProxy` applies."""
+
+
 def selects(spec: FaultSpec, rank: float) -> bool:
     """Whether a fault applies to a connection of this rank (see the module docstring)."""
     return rank < spec.share
 
 
-def _rank(seed: int, peer: Any) -> float:
-    """The connection's place in [0, 1), from the seed and the client's address/port."""
+def share_rank(seed: int, peer: Any) -> float:
+    """A client's place in [0, 1), from the seed and its address and port: a fault of
+    share ``s`` selects the clients ranked below ``s``."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         key = f"{seed}|{peer[0]}|{peer[1]}"
     else:  # a Unix socket or an unknown peer: all such connections rank alike
@@ -197,37 +210,27 @@ def _rank(seed: int, peer: Any) -> float:
 # --- handles ------------------------------------------------------------------------
 
 
-class FaultHandle:
-    """One applied fault: revert it, read its counters."""
+class _FaultOwner(Protocol):
+    """The proxy a handle tells when its fault ends."""
 
-    __slots__ = (
-        "_proxy",
-        "_timer",
-        "active",
-        "applied_at_s",
-        "bytes_delayed",
-        "bytes_dropped",
-        "closes_delayed",
-        "connections_refused",
-        "connections_reset",
-        "reverted_at_s",
-        "spec",
-    )
+    def _reverted(self, handle: Any) -> None: ...
 
-    def __init__(self, proxy: FaultProxy, spec: FaultSpec, now_s: float) -> None:
-        self._proxy = proxy
+
+class BaseFaultHandle:
+    """What every applied fault has, whichever proxy applied it: its spec, whether it is
+    in force, when it began and ended, and :meth:`revert`. Each proxy's handle adds the
+    counters of what the fault did there (:class:`FaultHandle` for TCP,
+    :class:`~iotix.faults.udp.UDPFaultHandle` for UDP)."""
+
+    __slots__ = ("_owner", "_timer", "active", "applied_at_s", "reverted_at_s", "spec")
+
+    def __init__(self, owner: _FaultOwner, spec: FaultSpec, now_s: float) -> None:
+        self._owner = owner
         self._timer: asyncio.TimerHandle | None = None
         self.spec = spec
         self.active = True
         self.applied_at_s = now_s
         self.reverted_at_s: float | None = None
-        self.bytes_delayed = 0
-        """Bytes held back by this latency or rate limit."""
-        self.bytes_dropped = 0
-        """Bytes thrown away while this blackhole or partition held."""
-        self.connections_reset = 0
-        self.connections_refused = 0
-        self.closes_delayed = 0
 
     def revert(self) -> None:
         """End the fault now; a no-op when it has ended already."""
@@ -237,7 +240,12 @@ class FaultHandle:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._proxy._reverted(self)  # noqa: SLF001 - the proxy's own bookkeeping
+        self._owner._reverted(self)  # noqa: SLF001 - the proxy's own bookkeeping
+
+    def expire_after(self, loop: asyncio.AbstractEventLoop, duration_s: float | None) -> None:
+        """Revert the fault ``duration_s`` from now (None: never by itself)."""
+        if duration_s is not None:
+            self._timer = loop.call_later(duration_s, self.revert)
 
     def stats(self) -> dict[str, Any]:
         """The spec and counters, as plain data for reports."""
@@ -247,16 +255,47 @@ class FaultHandle:
             "active": self.active,
             "applied_at_s": self.applied_at_s,
             "reverted_at_s": self.reverted_at_s,
+            **self.counters(),
+        }
+
+    def counters(self) -> dict[str, int]:
+        """What the fault did so far (the subclass's counters)."""
+        return {}
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "reverted"
+        return f"<{type(self).__name__} {self.spec!r} {state}>"
+
+
+class FaultHandle(BaseFaultHandle):
+    """One fault applied by a :class:`FaultProxy`: revert it, read its counters."""
+
+    __slots__ = (
+        "bytes_delayed",
+        "bytes_dropped",
+        "closes_delayed",
+        "connections_refused",
+        "connections_reset",
+    )
+
+    def __init__(self, proxy: FaultProxy, spec: FaultSpec, now_s: float) -> None:
+        super().__init__(proxy, spec, now_s)
+        self.bytes_delayed = 0
+        """Bytes held back by this latency or rate limit."""
+        self.bytes_dropped = 0
+        """Bytes thrown away while this blackhole or partition held."""
+        self.connections_reset = 0
+        self.connections_refused = 0
+        self.closes_delayed = 0
+
+    def counters(self) -> dict[str, int]:
+        return {
             "bytes_delayed": self.bytes_delayed,
             "bytes_dropped": self.bytes_dropped,
             "connections_reset": self.connections_reset,
             "connections_refused": self.connections_refused,
             "closes_delayed": self.closes_delayed,
         }
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "reverted"
-        return f"<FaultHandle {self.spec!r} {state}>"
 
 
 # --- one proxied connection ---------------------------------------------------------
@@ -576,6 +615,8 @@ class FaultProxy:
         self.connections_accepted = 0
         self.upstream_failures = 0
         """Connections dropped because the target could not be reached."""
+        self.retargets = 0
+        """Times :meth:`retarget` moved the proxy to another target."""
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -649,6 +690,9 @@ class FaultProxy:
 
     def apply(self, spec: FaultSpec) -> FaultHandle:
         """Put a fault in force now; it is reverted after ``spec.duration_s``."""
+        if not isinstance(spec, TCP_FAULTS):
+            msg = f"a TCP proxy cannot apply {type(spec).__name__} (UDP faults need UDPFaultProxy)"
+            raise TypeError(msg)
         if self._server is None:
             msg = "the proxy is not running"
             raise RuntimeError(msg)
@@ -664,14 +708,35 @@ class FaultProxy:
             handle.reverted_at_s = handle.applied_at_s
             return handle
         self._active.append(handle)
-        if spec.duration_s is not None:
-            handle._timer = loop.call_later(spec.duration_s, handle.revert)  # noqa: SLF001
+        handle.expire_after(loop, spec.duration_s)
         self._refresh()
         return handle
+
+    def retarget(self, host: str, port: int, *, reset_existing: bool = True) -> int:
+        """Forward connections to ``host:port`` from now on: a virtual IP moving to a
+        second broker, which is how a scenario fails over.
+
+        Connections accepted from now on connect to the new target. The existing ones
+        (those still connecting to the old target too) are reset, so their clients
+        reconnect and land on the new target; with ``reset_existing=False`` they stay
+        with the old target until they close. Faults in force stay in force. Returns
+        the number of connections reset.
+        """
+        self.target_host = host
+        self.target_port = port
+        self.retargets += 1
+        if not reset_existing:
+            return 0
+        links = list(self._links)
+        for link in links:
+            link.reset()
+        return len(links)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the proxy and of every fault applied so far, for reports."""
         return {
+            "target": {"host": self.target_host, "port": self.target_port},
+            "retargets": self.retargets,
             "connections": self.connections,
             "connections_accepted": self.connections_accepted,
             "upstream_failures": self.upstream_failures,
@@ -694,7 +759,7 @@ class FaultProxy:
     def _accepted(self, link: _Link) -> None:
         client = link.client
         assert client.transport is not None  # noqa: S101 - connection_made set it
-        link.rank = _rank(self.seed, client.transport.get_extra_info("peername"))
+        link.rank = share_rank(self.seed, client.transport.get_extra_info("peername"))
         for handle in self._active:
             if isinstance(handle.spec, Partition | TargetDown) and selects(handle.spec, link.rank):
                 handle.connections_refused += 1
@@ -706,15 +771,15 @@ class FaultProxy:
         # Nothing to forward to until the target answers. (uvloop starts reading only
         # after connection_made, undoing a pause made in it: pause on the next turn.)
         self.loop.call_soon(client.update_reading)
+        # The target as it is now: a retarget while this connects does not move it.
         link.connecting = self.loop.create_task(
-            self._connect(link), name=f"iotix-fault-proxy-connect-{self.port}"
+            self._connect(link, self.target_host, self.target_port),
+            name=f"iotix-fault-proxy-connect-{self.port}",
         )
 
-    async def _connect(self, link: _Link) -> None:
+    async def _connect(self, link: _Link, host: str, port: int) -> None:
         try:
-            await self.loop.create_connection(
-                lambda: link.upstream, self.target_host, self.target_port
-            )
+            await self.loop.create_connection(lambda: link.upstream, host, port)
         except OSError:
             self.upstream_failures += 1
             link.client.reset()
