@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import zlib
+from typing import Any
 
 import orjson
 import pytest
@@ -12,12 +13,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iotix.engine.probe import (
+    SCHEMA_ERROR_EXAMPLES,
     DeliveryTracker,
+    Probe,
+    SchemaTally,
     in_sample,
     parse_json_payload,
     sample_buckets,
     topic_stream,
 )
+from iotix.model.conformance import Conformance
+from iotix.model.loader import load_model_data
+from iotix.model.runtime import DeviceBatch
+from iotix.protocols.mqtt.session import MessageReceivedEvent
 
 SENT_MS = 1_700_000_000_000
 """An epoch in milliseconds; receive times below are this plus a known latency."""
@@ -322,3 +330,103 @@ def test_a_sample_keeps_its_share_of_buckets_despite_float_noise(sample: float) 
 def test_a_sample_outside_zero_to_one_is_rejected(sample: float) -> None:
     with pytest.raises(ValueError, match="sample"):
         in_sample("d", sample)
+
+
+# -- conformance of the tracked messages -----------------------------------------------
+
+
+def received(topic: str, payload: bytes, *, retain: bool = False) -> MessageReceivedEvent:
+    return MessageReceivedEvent(topic=topic, payload=payload, qos=1, retain=retain)
+
+
+def telemetry(device: str, seq: int, **values: object) -> bytes:
+    return orjson.dumps({"device_id": device, "ts_ms": SENT_MS, "seq": seq, **values})
+
+
+def unconnected_probe(**options: Any) -> Probe:
+    """A probe never started: its events are fed by hand (no loop, no socket)."""
+    return Probe("127.0.0.1", 1883, wall_clock=lambda: SENT_S + 0.01, **options)
+
+
+def test_a_schema_tally_counts_and_keeps_the_first_distinct_problems() -> None:
+    tally = SchemaTally()
+    for problem in [None, "a", "b", "a", None, "c", "d", "e", "f"]:
+        tally.record(problem)
+    assert SCHEMA_ERROR_EXAMPLES == 5
+    assert tally.summary() == {
+        "schema_checked": 9,
+        "schema_errors": 7,
+        "schema_error_examples": ["a", "b", "c", "d", "e"],
+    }
+
+
+def test_a_probe_without_conformance_adds_no_schema_counts() -> None:
+    probe = unconnected_probe()
+    probe._on_event(received("f/d1/telemetry", telemetry("d1", 0)))
+    summary = probe.tracker.finish()
+    assert summary["received"] == 1
+    assert probe.tracker.schema is None
+    assert not [key for key in summary if key.startswith("schema_")]
+
+
+def test_a_probe_checks_every_tracked_message_and_only_those() -> None:
+    followed = next(f"d{n}" for n in range(100) if in_sample(f"d{n}", 0.5))
+    ignored = next(f"d{n}" for n in range(100) if not in_sample(f"d{n}", 0.5))
+    checked: list[str] = []
+
+    def conformance(topic: str, _payload: bytes) -> str | None:
+        checked.append(topic)
+        return f"bad: {topic}" if topic.endswith("/bad") else None
+
+    probe = unconnected_probe(sample=0.5, conformance=conformance)
+    for event in [
+        received(f"f/{followed}/telemetry", telemetry(followed, 0)),
+        received(f"f/{followed}/bad", telemetry(followed, 0)),
+        received(f"f/{followed}/telemetry", telemetry(followed, 1)),
+        received(f"f/{ignored}/bad", telemetry(ignored, 0)),  # not in the sample
+        received(f"f/{followed}/bad", b"not json"),  # unparseable: not tracked
+        received(f"f/{followed}/bad", telemetry(followed, 1), retain=True),  # retained
+    ]:
+        probe._on_event(event)
+    summary = probe.tracker.finish()
+    assert checked == [f"f/{followed}/telemetry", f"f/{followed}/bad", f"f/{followed}/telemetry"]
+    assert summary["received"] == 3
+    assert summary["schema_checked"] == 3
+    assert summary["schema_errors"] == 1
+    assert summary["schema_error_examples"] == [f"bad: f/{followed}/bad"]
+
+
+def test_probes_sharing_a_tracker_share_its_schema_counts() -> None:
+    first = unconnected_probe(conformance=lambda _topic, _payload: "wrong")
+    second = unconnected_probe(tracker=first.tracker, conformance=lambda _topic, _payload: None)
+    first._on_event(received("f/d1/telemetry", telemetry("d1", 0)))
+    second._on_event(received("f/d1/telemetry", telemetry("d1", 1)))
+    summary = first.tracker.finish()
+    assert (summary["schema_checked"], summary["schema_errors"]) == (2, 1)
+
+
+def test_a_probe_with_a_models_conformance_counts_its_broken_messages() -> None:
+    walk = {"kind": "random_walk", "start": 20, "step": 0.5, "min": 5, "max": 40, "round": 1}
+    loaded = load_model_data(
+        {
+            "name": "room",
+            "fields": {"temperature": walk, "mode": {"kind": "choice", "values": ["eco", "on"]}},
+            "messages": {"telemetry": {"schedule": {"kind": "interval", "interval_s": 1}}},
+        }
+    )
+    messages = DeviceBatch(loaded.spec, indices=range(3), seed=2).advance(20)
+    probe = unconnected_probe(conformance=Conformance.for_model(loaded))
+    for message in messages:
+        probe._on_event(received(message.topic, message.payload))
+    topic = "devices/room-000001/telemetry"
+    broken = {"temperature": 41.0, "mode": "eco"}
+    probe._on_event(received(topic, telemetry("room-000001", 1000, **broken)))
+    probe._on_event(received(topic, telemetry("room-000001", 1001, temperature=21.0, mode="off")))
+    summary = probe.tracker.finish()
+    assert summary["received"] == len(messages) + 2
+    assert summary["schema_checked"] == len(messages) + 2
+    assert summary["schema_errors"] == 2
+    assert summary["schema_error_examples"] == [
+        "telemetry.temperature: 41.0 above max 40",
+        "telemetry.mode: 'off' is not one of 'eco', 'on'",
+    ]

@@ -13,8 +13,11 @@ reordering are counted, not guessed.
 - :func:`parse_json_payload` pulls ``device_id``, ``seq`` and ``ts_ms`` out of the
   default JSON telemetry payload (:mod:`iotix.model.runtime`).
 - :func:`in_sample` decides, deterministically, which devices a sampling probe follows.
+- :class:`SchemaTally` counts what a conformance check (such as
+  :class:`iotix.model.conformance.Conformance`) said of the tracked messages.
 - :class:`Probe` is the thin async shell: one iotix MQTT connection, one subscription,
-  every received message fed to the tracker with the time of an injected wall clock.
+  every received message fed to the tracker with the time of an injected wall clock,
+  and, given a ``conformance`` check, checked against the device models.
 
 What "expected" means: a stream's seqs start at 0, so a stream whose highest seq is
 ``h`` has sent at least ``h + 1`` messages. Seqs the probe never saw (including those
@@ -50,8 +53,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_WINDOW_SEQS",
     "SAMPLE_BUCKETS",
+    "SCHEMA_ERROR_EXAMPLES",
     "DeliveryTracker",
     "Probe",
+    "SchemaTally",
     "in_sample",
     "parse_json_payload",
     "sample_buckets",
@@ -65,6 +70,9 @@ DEFAULT_WINDOW_SEQS = 1024
 
 SAMPLE_BUCKETS = 10_000
 """Devices hash into this many buckets; a sample of ``f`` keeps the first ``f * 10_000``."""
+
+SCHEMA_ERROR_EXAMPLES = 5
+"""Distinct conformance problems a :class:`SchemaTally` keeps as examples."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,6 +162,7 @@ class DeliveryTracker:
         "max_clock_skew_s",
         "received",
         "reordered",
+        "schema",
         "unparseable",
     )
 
@@ -172,6 +181,9 @@ class DeliveryTracker:
         self.unparseable = 0
         self.finished = False
         self.e2e_latency = Histogram()
+        #: The conformance counts of the tracked messages, when they are checked (a
+        #: probe with a ``conformance`` sets it); they join the summary then.
+        self.schema: SchemaTally | None = None
 
     @property
     def window_seqs(self) -> int:
@@ -322,10 +334,12 @@ class DeliveryTracker:
 
         ``lost`` is :meth:`lost_so_far` with ``grace_seqs`` (every gap by default).
         ``delivery_ratio`` is (expected - lost) / expected, ``nan`` when nothing was
-        expected. ``e2e_latency`` is :meth:`Histogram.summary` (seconds).
+        expected. ``e2e_latency`` is :meth:`Histogram.summary` (seconds). With a
+        :attr:`schema` tally, its :meth:`SchemaTally.summary` keys join in.
         """
         lost = self.lost_so_far(grace_seqs)
         expected = self.expected
+        schema = {} if self.schema is None else self.schema.summary()
         return {
             "streams": len(self._streams),
             "received": self.received,
@@ -341,6 +355,37 @@ class DeliveryTracker:
             "delivery_ratio": (expected - lost) / expected if expected else math.nan,
             "finished": self.finished,
             "e2e_latency": self.e2e_latency.summary(),
+            **schema,
+        }
+
+
+class SchemaTally:
+    """How many tracked messages a conformance check looked at, how many it refused,
+    and the first :data:`SCHEMA_ERROR_EXAMPLES` distinct problems it gave. Pure."""
+
+    __slots__ = ("checked", "errors", "examples")
+
+    def __init__(self) -> None:
+        self.checked = 0
+        self.errors = 0
+        self.examples: list[str] = []
+
+    def record(self, problem: str | None) -> None:
+        """Count one checked message; ``problem`` is None when it conformed."""
+        self.checked += 1
+        if problem is None:
+            return
+        self.errors += 1
+        examples = self.examples
+        if len(examples) < SCHEMA_ERROR_EXAMPLES and problem not in examples:
+            examples.append(problem)
+
+    def summary(self) -> dict[str, Any]:
+        """``schema_checked``, ``schema_errors`` and ``schema_error_examples``."""
+        return {
+            "schema_checked": self.checked,
+            "schema_errors": self.errors,
+            "schema_error_examples": list(self.examples),
         }
 
 
@@ -415,6 +460,12 @@ class Probe:
     messages (old ones the broker replays on subscribing) are counted in
     ``retained_skipped``, not tracked. The receive time is ``wall_clock()``, epoch
     seconds; the stream is ``stream_of(topic)``, the topic's last level by default.
+
+    With ``conformance`` (a callable of topic and payload giving None or a problem, such
+    as :class:`iotix.model.conformance.Conformance`), every tracked message is also
+    checked, and the summary gains ``schema_checked``, ``schema_errors`` and
+    ``schema_error_examples`` (:class:`SchemaTally`, kept on the tracker so that probes
+    sharing one tracker share the counts too).
     """
 
     def __init__(
@@ -433,6 +484,7 @@ class Probe:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         websocket_path: str | None = None,
+        conformance: Callable[[str, bytes], str | None] | None = None,
     ) -> None:
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
@@ -443,6 +495,9 @@ class Probe:
         self.topic_filter = topic_filter
         self.sample = sample
         self.tracker = tracker if tracker is not None else DeliveryTracker()
+        self._conformance = conformance
+        if conformance is not None and self.tracker.schema is None:
+            self.tracker.schema = SchemaTally()
         self.skipped = 0
         self.retained_skipped = 0
         self._wall_clock = wall_clock
@@ -511,6 +566,7 @@ class Probe:
         ):
             self.skipped += 1
             return
-        self.tracker.observe(
-            device_id, self._stream_of(event.topic), seq, ts_ms, self._wall_clock()
-        )
+        tracker = self.tracker
+        tracker.observe(device_id, self._stream_of(event.topic), seq, ts_ms, self._wall_clock())
+        if self._conformance is not None and tracker.schema is not None:
+            tracker.schema.record(self._conformance(event.topic, event.payload))
