@@ -606,6 +606,7 @@ HISTOGRAM_NAMES = (
     "e2e_latency",
     "schedule_lag",
     "intended_latency",
+    "reconnect_time",
 )
 """The histograms of a :class:`Snapshot`, every one in seconds."""
 
@@ -625,7 +626,9 @@ class Snapshot:
     - ``e2e_latency``: send timestamp to receipt by the probe subscriber;
     - ``schedule_lag``: actual send time minus intended send time;
     - ``intended_latency``: ack time minus *intended* send time, which keeps counting
-      while the simulator falls behind (coordinated omission).
+      while the simulator falls behind (coordinated omission);
+    - ``reconnect_time``: a device's connection lost (or closed by an action) to the
+      device connected again (a reboot's offline time included).
     """
 
     worker: int
@@ -637,6 +640,12 @@ class Snapshot:
     e2e_latency: Histogram = field(default_factory=Histogram)
     schedule_lag: Histogram = field(default_factory=Histogram)
     intended_latency: Histogram = field(default_factory=Histogram)
+    reconnect_time: Histogram = field(default_factory=Histogram)
+    states: dict[str, int] = field(default_factory=dict)
+    """``fleet/state`` -> devices in that state (every device of the fleet, connected
+    or not, is in one)."""
+    states_reached: dict[str, int] = field(default_factory=dict)
+    """``fleet/state`` -> devices that have been in that state since the run began."""
 
     def histograms(self) -> dict[str, Histogram]:
         """The histograms by name, in :data:`HISTOGRAM_NAMES` order."""
@@ -659,11 +668,43 @@ class Snapshot:
             merged.at_s = max(merged.at_s, snapshot.at_s)
             merged.devices_connected += snapshot.devices_connected
             merged.counters.merge(snapshot.counters)
+            for mine, theirs in (
+                (merged.states, snapshot.states),
+                (merged.states_reached, snapshot.states_reached),
+            ):
+                for key, count in theirs.items():
+                    mine[key] = mine.get(key, 0) + count
             for name, histogram in merged.histograms().items():
                 histogram.merge(getattr(snapshot, name))
         if merged is None:
             raise ValueError("no snapshots to merge")
         return merged
+
+    def since(self, earlier: Snapshot) -> Snapshot:
+        """What happened between ``earlier`` (an earlier state of this snapshot) and
+        this one: counts and histograms as differences (see :meth:`Histogram.since`),
+        ``at_s`` the time between them, ``devices_connected`` as it is now.
+
+        Raises :class:`ValueError` if ``earlier`` is not an earlier state of this one.
+        """
+        counters = Counters()
+        for f in fields(Counters):
+            mine, theirs = getattr(self.counters, f.name), getattr(earlier.counters, f.name)
+            if isinstance(mine, dict):
+                setattr(counters, f.name, {k: v - theirs.get(k, 0) for k, v in mine.items()})
+            else:
+                setattr(counters, f.name, mine - theirs)
+        result = Snapshot(
+            worker=self.worker,
+            at_s=self.at_s - earlier.at_s,
+            devices_connected=self.devices_connected,
+            counters=counters,
+            states=dict(self.states),  # gauges: as they are at the end
+            states_reached=dict(self.states_reached),
+        )
+        for name, histogram in self.histograms().items():
+            setattr(result, name, histogram.since(getattr(earlier, name)))
+        return result
 
     def copy(self) -> Snapshot:
         """An independent snapshot with the same contents."""
@@ -672,6 +713,8 @@ class Snapshot:
             at_s=self.at_s,
             devices_connected=self.devices_connected,
             counters=self.counters.copy(),
+            states=dict(self.states),
+            states_reached=dict(self.states_reached),
         )
         for name, histogram in self.histograms().items():
             setattr(result, name, histogram.copy())
@@ -685,6 +728,8 @@ class Snapshot:
             "devices_connected": self.devices_connected,
             "counters": self.counters.to_dict(),
             "histograms": {name: h.to_dict() for name, h in self.histograms().items()},
+            "states": dict(self.states),
+            "states_reached": dict(self.states_reached),
         }
 
     @classmethod
@@ -699,6 +744,8 @@ class Snapshot:
             at_s=float(data["at_s"]),
             devices_connected=int(data.get("devices_connected", 0)),
             counters=Counters.from_dict(data.get("counters", {})),
+            states={str(k): int(v) for k, v in data.get("states", {}).items()},
+            states_reached={str(k): int(v) for k, v in data.get("states_reached", {}).items()},
         )
         for name, histogram in histograms.items():
             setattr(result, name, Histogram.from_dict(histogram))

@@ -21,24 +21,26 @@ import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import uvloop
 
 from iotix.adapters.tls import TLSContextCache, TLSSettings
 from iotix.clock import WallClock
 from iotix.engine.probe import Probe
-from iotix.engine.worker import BrokerEndpoint, RunSettings, Worker
+from iotix.engine.worker import BrokerEndpoint, DeviceAction, RunSettings, Worker
 from iotix.errors import IotixError
-from iotix.metrics import Snapshot
+from iotix.metrics import Histogram, Snapshot
 from iotix.model.loader import load_model
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Coroutine, Mapping, Sequence
     from multiprocessing.connection import Connection
     from multiprocessing.context import ForkServerContext, SpawnContext
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 FILES_RESERVED = 200
 """Open files a worker keeps for itself (the interpreter, logs, pipes)."""
@@ -99,42 +101,79 @@ class FleetResult:
 
 class ProbeThread:
     """The probe subscriber on a thread of its own, beside the supervisor's loop: it
-    must be subscribed before the devices send, and read until they are done."""
+    must be subscribed before the devices send, and read until they are done.
+
+    With several endpoints (a scenario whose devices fail over from one broker to
+    another), it subscribes on each, and one tracker counts what arrived anywhere."""
 
     def __init__(
-        self, endpoint: BrokerEndpoint, sample: float, tls: TLSSettings | None = None
+        self,
+        endpoint: BrokerEndpoint | Sequence[BrokerEndpoint],
+        sample: float,
+        tls: TLSSettings | None = None,
+        conformance: Callable[[str, bytes], str | None] | None = None,
     ) -> None:
+        endpoints = [endpoint] if isinstance(endpoint, BrokerEndpoint) else list(endpoint)
         context = None
-        if endpoint.tls:
+        if any(e.tls for e in endpoints):
             tls = tls or TLSSettings()
             if tls.per_device:  # the devices' own certificates are theirs: CA only
                 tls = replace(tls, cert_file=None, key_file=None)
             context = TLSContextCache(tls).context_for("iotix-probe", 0)
-        self.probe = Probe(
-            endpoint.host,
-            endpoint.port,
-            sample=sample,
-            client_id="iotix-probe",
-            ssl_context=context,
-            server_hostname=tls.server_hostname if tls else None,
-            websocket_path=endpoint.websocket_path,
-        )
+        self.probes: list[Probe] = []
+        for number, at in enumerate(endpoints):
+            self.probes.append(
+                Probe(
+                    at.host,
+                    at.port,
+                    sample=sample,
+                    client_id="iotix-probe" + (f"-{number}" if number else ""),
+                    ssl_context=context if at.tls else None,
+                    server_hostname=tls.server_hostname if tls else None,
+                    websocket_path=at.websocket_path,
+                    tracker=self.probes[0].tracker if self.probes else None,
+                    conformance=conformance,
+                )
+            )
+        self.probe = self.probes[0]
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="iotix-probe")
 
     def start(self) -> None:
         self._thread.start()
+
+        async def start_all() -> None:
+            for probe in self.probes:
+                await probe.start()
+
         try:
-            asyncio.run_coroutine_threadsafe(self.probe.start(), self._loop).result(timeout=15)
+            asyncio.run_coroutine_threadsafe(start_all(), self._loop).result(timeout=15)
         except Exception:
+            with contextlib.suppress(Exception):
+                self._call(self._stop_all(), timeout_s=5)
             self._shutdown()
             raise
 
+    def e2e_latency(self) -> Histogram:
+        """A copy of the end-to-end latency so far (taken on the probe's own thread)."""
+
+        async def copy() -> Histogram:
+            return self.probe.tracker.e2e_latency.copy()
+
+        return self._call(copy(), timeout_s=5)
+
+    async def _stop_all(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {}
+        for probe in reversed(self.probes):  # the first finishes the shared tracker last
+            summary = await probe.stop()
+        return summary
+
+    def _call(self, coroutine: Coroutine[Any, Any, T], *, timeout_s: float) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=timeout_s)
+
     def stop(self) -> dict[str, Any]:
         try:
-            summary = asyncio.run_coroutine_threadsafe(self.probe.stop(), self._loop).result(
-                timeout=15
-            )
+            summary: dict[str, Any] = self._call(self._stop_all(), timeout_s=15)
         finally:
             self._shutdown()
         return summary
@@ -153,45 +192,69 @@ class _Job:
     shard: range
     settings: RunSettings
     worker_id: int
+    fleet: int = 0
+    """The index of the job's fleet in the run."""
+
+
+STOP = "stop"
+"""The control word that ends a worker's run (anything else on the pipe is an action)."""
 
 
 def _worker_main(job: _Job, snapshots: Connection, control: Connection) -> None:
     """A worker process: run one shard, sending snapshots to the supervisor.
 
-    Each worker has pipes of its own (snapshots out, a stop word in): a worker that is
-    killed mid-write breaks only its own pipe, never a lock the others share.
+    Each worker has pipes of its own (snapshots out; the stop word and scenario actions
+    in): a worker that is killed mid-write breaks only its own pipe, never a lock the
+    others share. A worker reports how many devices each action touched.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     _raise_open_file_limit()
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     model = load_model(job.model_path)
+    sending = threading.Lock()  # snapshots from the loop, action reports from there too
+
+    def send(item: dict[str, Any]) -> None:
+        with sending:
+            snapshots.send(item)
 
     async def main() -> None:
         stop_event = asyncio.Event()
         loop = asyncio.get_running_loop()
         done = threading.Event()
-
-        def relay() -> None:
-            while not done.is_set():
-                if control.poll(0.2):
-                    with contextlib.suppress(EOFError, OSError):
-                        control.recv()
-                    loop.call_soon_threadsafe(stop_event.set)
-                    return
-
-        waiter = loop.run_in_executor(None, relay)
         worker = Worker(
             model,
             job.shard,
             job.settings,
             WallClock(),
             worker_id=job.worker_id,
-            on_snapshot=lambda snapshot: snapshots.send(
-                {"final": False, "snapshot": snapshot.to_dict()}
-            ),
+            on_snapshot=lambda snapshot: send({"final": False, "snapshot": snapshot.to_dict()}),
         )
+
+        def act(label: str, action: DeviceAction) -> None:
+            try:
+                touched = worker.act(action)
+            except IotixError as exc:
+                send({"action": label, "error": str(exc)})
+            else:
+                send({"action": label, "devices": touched})
+
+        def relay() -> None:
+            while not done.is_set():
+                if not control.poll(0.2):
+                    continue
+                try:
+                    item = control.recv()
+                except (EOFError, OSError):
+                    item = STOP
+                if item == STOP:
+                    loop.call_soon_threadsafe(stop_event.set)
+                    return
+                label, action = item
+                loop.call_soon_threadsafe(act, label, action)
+
+        waiter = loop.run_in_executor(None, relay)
         final = await worker.run(stop_event)
-        snapshots.send({"final": True, "snapshot": final.to_dict()})
+        send({"final": True, "snapshot": final.to_dict()})
         done.set()
         await waiter
 
@@ -213,12 +276,54 @@ def plan_jobs(fleets: Sequence[FleetPlan], settings: RunSettings, workers: int) 
     least one each; worker ids are unique across the run."""
     total = sum(f.devices for f in fleets) or 1
     jobs: list[_Job] = []
-    for fleet in fleets:
+    for number, fleet in enumerate(fleets):
         share = max(1, round(workers * fleet.devices / total))
         fleet_settings = replace(settings, **{**fleet.overrides, "devices": fleet.devices})
         for shard in plan_shards(fleet.devices, share):
-            jobs.append(_Job(str(fleet.model_path), shard, fleet_settings, len(jobs)))
+            jobs.append(_Job(str(fleet.model_path), shard, fleet_settings, len(jobs), number))
     return jobs
+
+
+class FleetControl:
+    """Scenario actions for a running fleet's workers, from any thread.
+
+    :meth:`send` passes an action to the workers of one fleet (or all); before the
+    workers exist, actions wait and go out as they start. :attr:`reports` collects,
+    per action label, the devices each worker touched, and any error."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._supervisor: _Supervisor | None = None
+        self._waiting: list[tuple[int | None, str, DeviceAction]] = []
+        self.reports: dict[str, dict[str, Any]] = {}
+
+    def send(self, fleet: int | None, label: str, action: DeviceAction) -> None:
+        """Have the workers of fleet number ``fleet`` (None: every fleet) do ``action``."""
+        with self._lock:
+            self.reports.setdefault(label, {"devices": 0, "workers": 0, "errors": []})
+            if self._supervisor is None:
+                self._waiting.append((fleet, label, action))
+            else:
+                self._supervisor.send(fleet, (label, action))
+
+    def attach(self, supervisor: _Supervisor | None) -> None:
+        with self._lock:
+            self._supervisor = supervisor
+            waiting, self._waiting = self._waiting, []
+            if supervisor is not None:
+                for fleet, label, action in waiting:
+                    supervisor.send(fleet, (label, action))
+
+    def reported(self, item: Mapping[str, Any]) -> None:
+        with self._lock:
+            report = self.reports.setdefault(
+                item["action"], {"devices": 0, "workers": 0, "errors": []}
+            )
+            report["workers"] += 1
+            if "error" in item:
+                report["errors"].append(item["error"])
+            else:
+                report["devices"] += item["devices"]
 
 
 def run_fleet(
@@ -230,18 +335,34 @@ def run_fleet(
     probe_sample: float | None = None,
     on_worker_death: WorkerDeath = "fail",
     stop: threading.Event | None = None,
+    control: FleetControl | None = None,
+    probe_brokers: Sequence[BrokerEndpoint] | None = None,
+    on_probe: Callable[[ProbeThread], None] | None = None,
+    on_start: Callable[[], None] | None = None,
+    probe_conformance: Callable[[str, bytes], str | None] | None = None,
 ) -> FleetResult:
     """Run the fleets in about ``workers`` processes until the duration ends, Ctrl-C,
     or ``stop`` is set (then every worker disconnects its devices and reports).
 
-    With ``probe_sample``, a probe subscriber on the first broker checks delivery for
-    that fraction of the devices. A worker that dies is reported in
-    ``worker_errors``; with ``on_worker_death="fail"`` the others are stopped at once,
-    with ``"continue"`` they run on to the end."""
+    With ``probe_sample``, a probe subscriber on the first broker (or on each of
+    ``probe_brokers``) checks delivery for that fraction of the devices; ``on_probe``
+    is given it once it has subscribed. A worker that dies is reported in
+    ``worker_errors``; ``probe_conformance`` checks each message the probe tracks
+    against the device models. With ``on_worker_death="fail"`` the others are stopped at once,
+    with ``"continue"`` they run on to the end. ``control`` passes scenario actions to
+    the workers while they run; ``on_start`` is called once the workers are started
+    (where a scenario's timeline begins)."""
     probe = None
     if probe_sample is not None:
-        probe = ProbeThread(settings.brokers[0], probe_sample, settings.tls)
+        probe = ProbeThread(
+            probe_brokers or settings.brokers[0],
+            probe_sample,
+            settings.tls,
+            conformance=probe_conformance,
+        )
         probe.start()
+        if on_probe is not None:
+            on_probe(probe)
     try:
         result = _run_workers(
             fleets,
@@ -250,6 +371,8 @@ def run_fleet(
             on_snapshot=on_snapshot,
             on_worker_death=on_worker_death,
             stop=stop,
+            control=control,
+            on_start=on_start,
         )
     finally:
         summary = probe.stop() if probe is not None else None
@@ -278,10 +401,17 @@ def _worker_context() -> ForkServerContext | SpawnContext:
 class _Supervisor:
     """The worker processes of one run, their pipes, and what they reported."""
 
-    def __init__(self, jobs: list[_Job], on_snapshot: Callable[[Snapshot], None] | None) -> None:
+    def __init__(
+        self,
+        jobs: list[_Job],
+        on_snapshot: Callable[[Snapshot], None] | None,
+        control: FleetControl | None = None,
+    ) -> None:
         context = _worker_context()
         self.jobs = jobs
         self.on_snapshot = on_snapshot
+        self.control = control
+        self._sending = threading.Lock()
         self.readers: dict[Connection, int] = {}
         self.controls: list[Connection] = []
         self.processes: list[Any] = []
@@ -315,6 +445,10 @@ class _Supervisor:
                 del self.readers[reader]
                 self._died(number)
                 continue
+            if "action" in item:
+                if self.control is not None:
+                    self.control.reported(item)
+                continue
             snapshot = Snapshot.from_dict(item["snapshot"])
             self.latest[snapshot.worker] = snapshot
             if item["final"]:
@@ -341,9 +475,15 @@ class _Supervisor:
                 self.collect(0.5)
 
     def stop_all(self) -> None:
-        for control in self.controls:
-            with contextlib.suppress(OSError):
-                control.send("stop")
+        self.send(None, STOP)
+
+    def send(self, fleet: int | None, item: Any) -> None:
+        """``item`` to the workers of fleet ``fleet`` (None: all) that still run."""
+        with self._sending:
+            for job, control in zip(self.jobs, self.controls, strict=True):
+                if fleet is None or job.fleet == fleet:
+                    with contextlib.suppress(OSError):
+                        control.send(item)
 
     def close(self) -> None:
         self.stop_all()
@@ -366,10 +506,21 @@ def _run_workers(
     on_snapshot: Callable[[Snapshot], None] | None,
     on_worker_death: WorkerDeath,
     stop: threading.Event | None,
+    control: FleetControl | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> FleetResult:
-    supervisor = _Supervisor(plan_jobs(fleets, settings, workers), on_snapshot)
+    try:
+        supervisor = _Supervisor(plan_jobs(fleets, settings, workers), on_snapshot, control)
+    except KeyboardInterrupt:
+        # Stopped while the workers started: those started see their pipes close
+        # (EOF) and stop by themselves; nothing ran, so there is nothing to count.
+        return FleetResult(Snapshot(worker=-1, at_s=0.0), interrupted=True)
     interrupted = False
     try:
+        if control is not None:
+            control.attach(supervisor)
+        if on_start is not None:
+            on_start()
         while supervisor.readers:
             supervisor.collect(0.5)
             if (stop is not None and stop.is_set()) or (
@@ -381,5 +532,7 @@ def _run_workers(
         interrupted = True
         supervisor.finish()
     finally:
+        if control is not None:
+            control.attach(None)
         supervisor.close()
     return FleetResult(supervisor.merged(), supervisor.errors, interrupted)

@@ -53,6 +53,8 @@ def summarise(snapshot: Snapshot) -> dict[str, Any]:
         "errors_by_kind": dict(counters.errors_by_kind),
         "counters_reconcile": counters.reconciles(),
         "latency_s": latencies,
+        "states": dict(snapshot.states),
+        "states_reached": dict(snapshot.states_reached),
     }
 
 

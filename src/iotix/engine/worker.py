@@ -23,9 +23,11 @@ import random
 import re
 import string
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -33,6 +35,7 @@ import orjson
 
 from iotix.adapters.mqtt import MQTTConnectError, MQTTConnection, open_connection
 from iotix.adapters.tls import TLSConfigError, TLSContextCache, TLSSettings
+from iotix.engine.credentials import Credentials, read_credentials
 from iotix.engine.stages import Stage, StagePlan
 from iotix.errors import IotixError, MQTTProtocolError
 from iotix.metrics import Counters, Histogram, Snapshot
@@ -50,6 +53,8 @@ from iotix.protocols.mqtt.session import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
+
+    import numpy.typing as npt
 
     from iotix.clock import Clock
     from iotix.model.loader import LoadedModel
@@ -181,6 +186,45 @@ class RunSettings:
     stages: tuple[Stage, ...] = ()
     """How many devices should be connected when (ramp up, hold, ramp down); none:
     every device, from the start."""
+    fleet: str | None = None
+    """The fleet's name, which state counts go by (default: the model's name)."""
+    credentials_file: str | None = None
+    """A CSV file of per-device user names and passwords (see
+    :mod:`iotix.engine.credentials`); they replace ``username`` and ``password``."""
+
+
+SHARE_BUCKETS = 1 << 32
+
+
+def in_share(indices: npt.ArrayLike, share: float, seed: int) -> npt.NDArray[np.bool_]:
+    """Which of the devices ``indices`` a share (0 to 1) of a fleet picks: a device is
+    in when a hash of (seed, index) falls below the share. Deterministic for a seed,
+    independent of the worker layout, and nested: the devices of 10 % are among those
+    of 50 %. Scenario actions and their commands pick devices with it."""
+    limit = share * SHARE_BUCKETS
+    return np.fromiter(
+        (zlib.crc32(f"{seed}:{int(index)}".encode()) < limit for index in np.asarray(indices)),
+        dtype=bool,
+    )
+
+
+@dataclass(frozen=True)
+class DeviceAction:
+    """Something a scenario does to a share of a fleet's devices, mid-run.
+
+    - ``disconnect``: close their connections (``clean``: with DISCONNECT, so the
+      broker drops their wills); they stay offline ``offline_s`` (sending nothing),
+      then reconnect; with 0, they reconnect at once with backoff, as after a drop.
+    - ``reconnect_storm``: drop their connections and reconnect at once, no backoff.
+    - ``set``: give ``field`` (a constant, counter or random walk) the value ``value``.
+    """
+
+    kind: Literal["disconnect", "reconnect_storm", "set"]
+    share: float = 1.0
+    offline_s: float = 0.0
+    clean: bool = False
+    field: str | None = None
+    value: Any = None
 
 
 @dataclass(slots=True)
@@ -195,6 +239,10 @@ class _Device:
     wanted: bool = False
     """Whether the stages want it connected now (always, without stages)."""
     attempts: int = 0
+    down_at: float = -1.0
+    """When its connection was lost, while it is away (for ``reconnect_time``)."""
+    storm: bool = False
+    """A reconnect storm dropped it: it reconnects at once, no backoff."""
     sent_at: dict[int, tuple[float, float, int]] | None = None
     """Packet id -> (sent at, due at, QoS) of each publish awaiting its ack."""
 
@@ -265,7 +313,7 @@ def _command_pattern(template: str) -> tuple[str, re.Pattern[str]]:
     the command's name out of a topic it matches."""
     parts = []
     regex = []
-    for literal, name, _, _ in string.Formatter().parse(template):
+    for literal, name, spec, conversion in string.Formatter().parse(template):
         parts.append(literal)
         regex.append(re.escape(literal))
         if name is None:
@@ -273,8 +321,14 @@ def _command_pattern(template: str) -> tuple[str, re.Pattern[str]]:
         if name == "command":
             parts.append("+")
             regex.append(r"(?P<command>[^/]+)")
-        else:
-            parts.append("{" + name + "}")
+        else:  # rendered per device, as written (a format spec such as :05d included)
+            parts.append(
+                "{"
+                + name
+                + (f"!{conversion}" if conversion else "")
+                + (f":{spec}" if spec else "")
+                + "}"
+            )
             regex.append(r"[^/]+")
     return "".join(parts), re.compile("".join(regex) + "$")
 
@@ -314,11 +368,13 @@ class Worker:
         self.intended_latency = Histogram()
         self.schedule_lag = Histogram()
         self.e2e_latency = Histogram()
+        self.reconnect_time = Histogram()
         self.connected = 0
         self._on_snapshot = on_snapshot
         self._on_connected = on_connected
         self._random = random.Random(f"{settings.seed}:worker:{worker_id}")  # noqa: S311 - jitter
         self._stopping = False
+        self._connected_at_stop = 0
         self._wakeup: asyncio.Future[None] | None = None
         self._rebooting: list[_Device] = []
         self._wheel: dict[int, list[MQTTConnection]] = {}
@@ -334,6 +390,11 @@ class Worker:
         self._topics: dict[tuple[MessageKind, str], list[bytes | None]] = {}
         uses_tls = any(endpoint.tls for endpoint in settings.brokers)
         self._tls = TLSContextCache(settings.tls or TLSSettings()) if uses_tls else None
+        self._credentials: Credentials | None = None
+        if settings.credentials_file is not None:
+            self._credentials = read_credentials(
+                Path(settings.credentials_file), keep=[int(i) for i in self.batch.indices]
+            )
 
     # --- the run --------------------------------------------------------------------
 
@@ -383,6 +444,7 @@ class Worker:
                 self._wakeup = None
         finally:
             self._stopping = True
+            self._connected_at_stop = self.connected
             for task in [*helpers, *self._tasks]:
                 task.cancel()
             await asyncio.gather(*helpers, *self._tasks, return_exceptions=True)
@@ -393,17 +455,53 @@ class Worker:
         return snapshot
 
     def snapshot(self) -> Snapshot:
+        fleet = self.settings.fleet or self.model.spec.name
+        now, reached = self.batch.state_counts()
         return Snapshot(
             worker=self.worker_id,
             at_s=self.clock.now_s(),
-            devices_connected=self.connected,
+            # The final snapshot counts the devices connected when the run stopped, not
+            # after the DISCONNECTs that end every run.
+            devices_connected=self._connected_at_stop if self._stopping else self.connected,
             counters=self.counters,
             connect_latency=self.connect_latency,
             ack_latency=self.ack_latency,
             e2e_latency=self.e2e_latency,
             schedule_lag=self.schedule_lag,
             intended_latency=self.intended_latency,
+            reconnect_time=self.reconnect_time,
+            states={f"{fleet}/{state}": count for state, count in now.items()},
+            states_reached={f"{fleet}/{state}": count for state, count in reached.items()},
         )
+
+    def act(self, action: DeviceAction) -> int:
+        """Apply a scenario action to this shard's devices in its share; returns how
+        many devices it touched (connected ones for a disconnect or a storm)."""
+        rows = np.flatnonzero(in_share(self.batch.indices, action.share, self.settings.seed))
+        if action.kind == "set":
+            if action.field is None:
+                raise ValueError("a set action names a field")
+            self.batch.set_field(action.field, rows, action.value)
+            return len(rows)
+        now = self.clock.now_s()
+        touched = 0
+        for row in rows.tolist():
+            device = self.devices[row]
+            connection = device.connection
+            if connection is None or connection.closed:
+                continue
+            touched += 1
+            if action.kind == "reconnect_storm":
+                device.storm = True
+                connection.drop()
+                continue
+            if action.offline_s > 0:
+                self.batch.offline_until_s[row] = now + action.offline_s
+            if action.clean:
+                self._spawn(connection.disconnect(), f"disconnect-{row}")
+            else:
+                connection.drop()
+        return touched
 
     def _keep_alive_at(self, connection: MQTTConnection, at_s: float) -> None:
         """Put a connection on the keepalive wheel for the second after ``at_s``."""
@@ -651,14 +749,17 @@ class Worker:
         def fill(template: str | None) -> str | None:
             return None if template is None else template.format(device_id=device_id, index=index)
 
-        password = fill(settings.password)
+        username, password = fill(settings.username), fill(settings.password)
+        if self._credentials is not None:
+            found = self._credentials.for_device(device_id, index)
+            username, password = found if found is not None else (None, None)
         will = self._connection.will(self.batch, device.row)
         return SessionSettings(
             client_id=device_id,
             version=settings.version,
             keepalive_s=settings.keepalive_s,
             clean_start=settings.clean_start,
-            username=fill(settings.username),
+            username=username,
             password=None if password is None else password.encode(),
             will=None if will is None else Will(will.topic, will.payload, will.qos, will.retain),
             max_inflight=settings.max_inflight,
@@ -746,6 +847,9 @@ class Worker:
         counters.connects += 1
         if device.attempts:
             counters.reconnects += 1
+        if device.down_at >= 0:
+            self.reconnect_time.record(self.clock.now_s() - device.down_at)
+            device.down_at = -1.0
         device.attempts = 0
         device.connection = connection
         device.session = connection.session
@@ -761,8 +865,14 @@ class Worker:
         if self._stopping or not device.wanted:
             return
         self.counters.disconnects += 1
+        now = self.clock.now_s()
+        device.down_at = now
         back_at = float(self.batch.offline_until_s[device.row])
-        if back_at > self.clock.now_s():
+        if device.storm:
+            device.storm = False
+            device.attempts = 1
+            self._spawn(self._connect(device), f"storm-{device.row}")
+        elif back_at > now:
             # A reboot: the device comes back when its offline time is over.
             device.attempts = 1
             self._spawn(self._connect_at(device, back_at), f"reboot-{device.row}")

@@ -307,6 +307,12 @@ class _Checker:
         settable = {n for n, f in self.spec.fields.items() if f.kind in SETTABLE_KINDS}
         static = {"device_id", "index", "model", "command"} | self.attributes
         self.template(commands.topic, ("commands", "topic"), static, "topic")
+        if "{command}" not in commands.topic:
+            self.add(
+                ("commands", "topic"),
+                "the command topic must name the command: it has no {command}",
+                'write it as "devices/{device_id}/commands/{command}"',
+            )
         self.template(commands.reply_topic, ("commands", "reply_topic"), static, "topic")
         # A command reads each field's last sampled value.
         known = self.device_names | self.flat_names | {"payload"}

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from iotix.errors import ExpressionError
+from iotix.errors import ExpressionError, IotixError
 from iotix.model.expr import Expression, compile_expression
 from iotix.model.generators import (
     BuildContext,
@@ -206,6 +206,9 @@ class DeviceBatch:
             self.state = np.array([self._state_code[s] for s in drawn.tolist()], dtype=np.int16)
         else:
             self.state = np.full(self.size, self._state_code[machine.initial], dtype=np.int16)
+        self.reached = np.zeros((self.size, len(self.state_names)), dtype=bool)
+        """Which states each device has been in (its initial state included)."""
+        self.reached[np.arange(self.size), self.state] = True
         self.entered_s = np.zeros(self.size)
         self.offline_until_s = np.full(self.size, -np.inf)
         # Devices the caller holds back (an engine's devices not connected yet): they
@@ -586,6 +589,7 @@ class DeviceBatch:
             if fire.any():
                 moved = rows[fire]
                 self.state[moved] = target
+                self.reached[moved, target] = True
                 self.entered_s[moved] = env.t[fire]
                 entered |= fire
                 codes = np.where(fire, target, codes)
@@ -822,6 +826,7 @@ class DeviceBatch:
         target = handler.on_command.get(code, handler.on_command.get(None, handler.state))
         if target is not None and target != code:
             self.state[row] = target
+            self.reached[row, target] = True
             self.entered_s[row] = now_s
             entered_env = _CommandEnv(self, row, now_s, env["payload"])
             events: list[Emission] = []
@@ -839,6 +844,27 @@ class DeviceBatch:
                 self._push(emission)
         if handler.offline_s is not None:
             self.offline_until_s[row] = now_s + _for_row(handler.offline_s, row)
+
+    def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(devices in each state now, devices that have been in each state)."""
+        now = np.bincount(self.state, minlength=len(self.state_names))
+        reached = self.reached.sum(axis=0)
+        return (
+            {name: int(now[code]) for code, name in enumerate(self.state_names)},
+            {name: int(reached[code]) for code, name in enumerate(self.state_names)},
+        )
+
+    def set_field(self, name: str, rows: npt.NDArray[np.intp], value: Any) -> None:
+        """Give a constant, counter or random walk field ``value`` on the devices at
+        ``rows``, as a command's ``set`` does (a counter or walk continues from it)."""
+        generators = self._settable(name) if name in self._generators else []
+        if not generators:
+            raise IotixError(f"{name} is not a field that can be set")
+        if len(rows) == 0:
+            return
+        for generator in generators:
+            generator.set(rows, value)
+        self._remember(name, rows, np.full(len(rows), value))
 
     def _settable(self, name: str) -> list[FieldGenerator]:
         found = [self._generators[name], *self._overrides.get(name, {}).values()]

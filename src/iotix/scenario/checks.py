@@ -16,9 +16,9 @@ All three are pure functions (STYLE.md §1). The full language, for scenario aut
 in ``docs/checks.md``.
 
 Metrics, in base units (seconds, fractions, counts). ``<histogram>`` is any of
-``connect_latency``, ``ack_latency``, ``e2e_latency``, ``schedule_lag`` and
-``intended_latency``; ``<stat>`` any of ``p50``, ``p90``, ``p99``, ``p99_9`` (also
-written ``p99.9``), ``min``, ``mean`` and ``max``, and ``count`` (the number of samples).
+``connect_latency``, ``ack_latency``, ``e2e_latency``, ``schedule_lag``,
+``intended_latency`` and ``reconnect_time``; ``<stat>`` any of ``p50``, ``p90``,
+``p99``, ``p99_9`` (also written ``p99.9``), ``min``, ``mean`` and ``max``, and ``count`` (the number of samples).
 Every count metric also answers to ``<name>.count``.
 
 ==============================  ==========  ==============================================
@@ -176,6 +176,10 @@ _HISTOGRAMS: dict[str, tuple[str, str]] = {
     "intended_latency": (
         "intended send time to ack received (coordinated omission included)",
         "no intended latency measured: no QoS 1 or 2 publish was acknowledged",
+    ),
+    "reconnect_time": (
+        "a device's connection lost to the device connected again",
+        "no reconnect time measured: no device reconnected",
     ),
 }
 
