@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import signal
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
@@ -25,7 +27,14 @@ from rich.table import Table
 from iotix import __version__
 from iotix.adapters.mqtt import MQTTConnectError
 from iotix.adapters.tls import TLSContextCache, TLSSettings
-from iotix.engine.fleet import FleetPlan, FleetResult, WorkerDeath, default_workers, run_fleet
+from iotix.engine.fleet import (
+    FleetControl,
+    FleetPlan,
+    FleetResult,
+    WorkerDeath,
+    default_workers,
+    run_fleet,
+)
 from iotix.engine.results import results_document, summarise
 from iotix.engine.stages import StagePlan, parse_stages
 from iotix.engine.worker import (
@@ -37,17 +46,22 @@ from iotix.engine.worker import (
 )
 from iotix.errors import IotixError, ModelError
 from iotix.metrics import Snapshot, TimeSeries, TimeSeriesRow
+from iotix.model.conformance import Conformance
 from iotix.model.loader import SUFFIXES, LoadedModel, load_model, parse_document
 from iotix.model.runtime import Message
 from iotix.preview import PlannedCommand, Preview, preview_model
 from iotix.protocols.mqtt.packets import ProtocolVersion
 from iotix.scenario import RunReport
-from iotix.scenario.faultrig import FaultRig
+from iotix.scenario.chaos import dump_manifests, export_chaos, parse_selector
+from iotix.scenario.conductor import Conductor
 from iotix.scenario.loader import LoadedScenario, load_scenario
 from iotix.scenario.reports import append_github_summary, json_report, write_reports
 from iotix.scenario.runner import ScenarioPlan, plan_scenario, report_scenario
 from iotix.schema import model_schema, scenario_schema
 from iotix.testing.embedded import EmbeddedBroker
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 
 class OnWorkerDeath(enum.Enum):
@@ -134,11 +148,13 @@ def _print_model_error(console: Console, error: ModelError) -> None:
 @app.command()
 def validate(
     files: Annotated[
-        list[Path], typer.Argument(help="Model files (YAML or JSON) or directories of them.")
+        list[Path],
+        typer.Argument(help="Model or scenario files (YAML or JSON), or directories of them."),
     ],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
 ) -> None:
-    """Check device models; exit 0 when all are valid, 2 when any is not.
+    """Check device models and scenario files (a scenario with every model it names);
+    exit 0 when all are valid, 2 when any is not.
 
     Each error names the file, the line, the field path, the problem and a hint.
     """
@@ -147,20 +163,29 @@ def validate(
     invalid = 0
     for file in _expand(files):
         try:
-            loaded = load_model(file)
+            if _is_scenario(file):
+                scenario = load_scenario(file)
+                what = (
+                    f"scenario {scenario.name}: {_count(len(scenario.fleets), 'fleet')}, "
+                    f"{_count(scenario.devices, 'device')}, "
+                    f"{_count(len(scenario.faults), 'fault')}, "
+                    f"{_count(len(scenario.actions), 'action')}, "
+                    f"{_count(len(scenario.checks), 'check')}"
+                )
+            else:
+                spec = load_model(file).spec
+                what = (
+                    f"{spec.name}: {_count(len(spec.fields), 'field')}, "
+                    f"{_count(len(spec.messages), 'message')}, {_count(len(spec.events), 'event')}"
+                )
         except ModelError as exc:
             invalid += 1
             _print_model_error(err, exc)
             continue
         if not quiet:
-            spec = loaded.spec
-            out.print(
-                f"[green]ok[/] {escape(str(file))} "
-                f"[dim]({spec.name}: {_count(len(spec.fields), 'field')}, "
-                f"{_count(len(spec.messages), 'message')}, {_count(len(spec.events), 'event')})[/]"
-            )
+            out.print(f"[green]ok[/] {escape(str(file))} [dim]({escape(what)})[/]")
     if invalid:
-        err.print(f"[red]{invalid} invalid model file{'s' if invalid > 1 else ''}[/]")
+        err.print(f"[red]{invalid} invalid file{'s' if invalid > 1 else ''}[/]")
         raise typer.Exit(EXIT_INVALID)
 
 
@@ -422,10 +447,23 @@ def _run_live(
     workers: int,
     probe_sample: float | None,
     on_worker_death: WorkerDeath = "fail",
+    conductor: Conductor | None = None,
 ) -> tuple[FleetResult, TimeSeries, dict[str, Any]]:
-    """Run the fleets behind the live view, then print the end summary."""
+    """Run the fleets behind the live view, then print the end summary. A scenario's
+    ``conductor`` sees every snapshot and passes actions to the workers."""
     devices = sum(fleet.devices for fleet in fleets)
     series = TimeSeries()
+    extra: dict[str, Any] = {}
+    if conductor is not None:
+        extra = {
+            "control": conductor.control,
+            "stop": conductor.stop_run,
+            "probe_brokers": conductor.probe_brokers(),
+            "on_probe": conductor.attach_probe,
+            "on_start": conductor.begin,
+        }
+    if probe_sample is not None:
+        extra["probe_conformance"] = _conformance(fleets)
     with Live(console=console, refresh_per_second=4) as live:
 
         def show(snapshot: Snapshot) -> None:
@@ -433,6 +471,8 @@ def _run_live(
                 series.add(snapshot)
             row = series.rows[-1] if series.rows else None
             live.update(_live_table(snapshot, row, devices))
+            if conductor is not None:
+                conductor.observe(snapshot)
 
         try:
             outcome = run_fleet(
@@ -442,6 +482,7 @@ def _run_live(
                 on_snapshot=show,
                 probe_sample=probe_sample,
                 on_worker_death=on_worker_death,
+                **extra,
             )
         except MQTTConnectError as exc:  # the probe subscribes before any device connects
             console.print(
@@ -464,7 +505,23 @@ def _run_live(
                 else ""
             )
         )
+        if delivered.get("schema_checked"):
+            console.print(
+                f"  schema: {delivered['schema_checked']:,} messages checked against their "
+                f"models, {delivered['schema_errors']:,} did not match"
+            )
+            for example in delivered.get("schema_error_examples") or []:
+                console.print(f"    [yellow]{escape(str(example))}[/]")
     return outcome, series, summary
+
+
+def _conformance(fleets: list[FleetPlan]) -> Conformance:
+    """What the probe checks each message against: the fleets' models, by fleet."""
+    return Conformance.from_models(
+        (str(plan.overrides.get("fleet") or model.spec.name), model)
+        for plan in fleets
+        for model in [load_model(plan.model_path)]
+    )
 
 
 @app.command()
@@ -565,6 +622,9 @@ def run(
     connect, or a worker died).
     """
     err = Console(stderr=True, soft_wrap=True, highlight=False)
+    # SIGTERM (what CI runners and container engines send) stops the run as Ctrl-C
+    # does: the devices disconnect, faults are reverted, the reports are written.
+    signal.signal(signal.SIGTERM, _interrupt)
     if _is_scenario(model):
         _run_scenario(
             model,
@@ -659,6 +719,10 @@ def run(
         raise typer.Exit(EXIT_RUN_FAILED)
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - handler API
+    raise KeyboardInterrupt
+
+
 def _is_scenario(path: Path) -> bool:
     """A scenario file is a mapping with ``fleets``; anything else is read as a model
     (whose loader then says what is wrong with it)."""
@@ -672,15 +736,59 @@ def _is_scenario(path: Path) -> bool:
 EXIT_CHECKS_FAILED = 1
 
 
-def _fault_rig(
-    scenario: LoadedScenario, *, scale: float, override: tuple[BrokerEndpoint, ...] | None
-) -> tuple[FaultRig, ScenarioPlan]:
-    """Start the fault proxies; the plan whose fleets go through them (the probe goes
-    direct, to see what got through)."""
-    names = {fleet.broker: override or fleet.brokers for fleet in scenario.fleets}
-    rig = FaultRig(scenario.faults, names, scale=scale, seed=scenario.seed)
-    plan = plan_scenario(scenario, scale=scale, brokers=override, routes=rig.start())
-    return rig, plan
+def _conductor(
+    scenario: LoadedScenario,
+    plan: ScenarioPlan,
+    *,
+    scale: float,
+    override: tuple[BrokerEndpoint, ...] | None,
+) -> tuple[Conductor, ScenarioPlan]:
+    """Start the scenario's conductor (and its fault proxies, if it needs them); the
+    plan whose fleets go through the proxies (the probe goes direct, to see what got
+    through)."""
+    conductor = Conductor(
+        scenario,
+        fleet_devices=[fleet.devices for fleet in plan.fleets],
+        control=FleetControl(),
+        stop=threading.Event(),
+        scale=scale,
+        override=override,
+    )
+    routes = conductor.start()
+    if routes:
+        plan = plan_scenario(scenario, scale=scale, brokers=override, routes=routes)
+    return conductor, plan
+
+
+def _scenario_report(
+    scenario: LoadedScenario,
+    plan: ScenarioPlan,
+    outcome: FleetResult,
+    series: TimeSeries,
+    conductor: Conductor,
+    started_at: str,
+) -> RunReport:
+    """The run's report: checks over the run and its windows, what the scenario did."""
+    commands = conductor.command_summary()
+    report = report_scenario(
+        scenario,
+        plan,
+        outcome,
+        series,
+        started_at=started_at,
+        commands=commands,
+        windowed=conductor.windowed_results(
+            outcome.snapshot, outcome.snapshot.e2e_latency if outcome.probe else None
+        ),
+        aborted=conductor.aborted,
+    )
+    report.events = conductor.events
+    report.commands = commands
+    if conductor.control.reports:
+        report.metadata["actions"] = conductor.control.reports
+    if conductor.proxies:
+        report.metadata["fault_proxies"] = conductor.stats()
+    return report
 
 
 def _show_checks(console: Console, report: RunReport) -> None:
@@ -722,14 +830,16 @@ def _run_scenario(
         f"{plan.settings.duration_s:g} s, {len(plan.checks)} checks"
         + (f", scale {scale:g}" if scale != 1 else "")
     )
-    rig = None
-    if scenario.faults:
-        rig, plan = _fault_rig(scenario, scale=scale, override=override)
-        console.print(f"  {len(scenario.faults)} faults, through {len(rig.proxies)} proxies")
+    conductor, plan = _conductor(scenario, plan, scale=scale, override=override)
+    if conductor.proxies:
+        console.print(
+            f"  {len(scenario.faults)} faults, {len(scenario.actions)} actions, through "
+            f"{len(conductor.proxies)} proxies"
+        )
+    elif scenario.actions:
+        console.print(f"  {len(scenario.actions)} actions")
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     try:
-        if rig is not None:
-            rig.begin()
         outcome, series, _ = _run_live(
             console,
             plan.fleets,
@@ -737,16 +847,12 @@ def _run_scenario(
             workers=worker_count,
             probe_sample=scenario.probe,
             on_worker_death=on_worker_death.value,
+            conductor=conductor,
         )
     finally:
-        windows = rig.windows() if rig is not None else []
-        fault_stats = rig.stats() if rig is not None else None
-        if rig is not None:
-            rig.stop()  # every fault reverted, whatever happened
-    report = report_scenario(scenario, plan, outcome, series, started_at=started_at)
-    if fault_stats is not None:
-        report.metadata["faults"] = [label for label, _, _ in windows]
-        report.metadata["fault_proxies"] = fault_stats
+        conductor.stop()  # every fault reverted, whatever happened
+    windows = conductor.windows()
+    report = _scenario_report(scenario, plan, outcome, series, conductor, started_at)
     _show_checks(console, report)
     written = write_reports(report, report_dir, fault_windows=windows)
     append_github_summary(report)
@@ -761,6 +867,11 @@ def _run_scenario(
         console.print("[bold red]the run failed[/]")
         raise typer.Exit(EXIT_RUN_FAILED)
     if not report.passed:
+        if conductor.aborted is not None:
+            console.print(
+                f"[bold red]aborted[/] when {escape(conductor.aborted.name)} failed: "
+                f"{escape(conductor.aborted.message)}"
+            )
         console.print("[bold red]checks failed[/]")
         raise typer.Exit(EXIT_CHECKS_FAILED)
     console.print("[bold green]passed[/]")
@@ -865,6 +976,67 @@ def schema(
     editors and CI)."""
     document = scenario_schema() if scenario else model_schema()
     sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+chaos_app = typer.Typer(
+    name="chaos",
+    help="Play a scenario's faults with Chaos Mesh on Kubernetes (docs/chaos-mesh.md).",
+    no_args_is_help=True,
+)
+app.add_typer(chaos_app)
+
+
+@chaos_app.command("export")
+def chaos_export(
+    scenario: Annotated[Path, typer.Argument(help="The scenario file (YAML or JSON).")],
+    namespace: Annotated[
+        str, typer.Option(help="The namespace of the chaos objects and of the pods.")
+    ] = "default",
+    selector: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A label of the device pods, key=value; repeat for more "
+            "(default: app.kubernetes.io/name=iotix)."
+        ),
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(help="A cron expression: Schedule objects instead of NetworkChaos."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the YAML here, not to stdout.")
+    ] = None,
+) -> None:
+    """Chaos Mesh manifests for a scenario's faults: NetworkChaos, or Schedule with
+    --schedule."""
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    try:
+        export = export_chaos(
+            load_scenario(scenario),
+            namespace=namespace,
+            selector=parse_selector(selector) if selector else None,
+            schedule=schedule,
+        )
+    except ModelError as exc:  # ScenarioError: file, line, field path, hint
+        _print_model_error(err, exc)
+        raise typer.Exit(EXIT_INVALID) from None
+    except IotixError as exc:  # ChaosExportError: no faults, bad namespace/selector/cron
+        err.print(f"[bold red]error[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    for note in (*export.warnings, *(str(s) for s in export.skipped)):
+        err.print(f"[yellow]warning[/] {escape(note)}")
+    text = dump_manifests(export)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        err.print(
+            f"[bold red]error[/] cannot write {escape(str(output))}: "
+            f"{escape(exc.strerror or str(exc))}"
+        )
+        raise typer.Exit(EXIT_INVALID) from None
 
 
 def main() -> None:

@@ -399,7 +399,7 @@ def test_validate_prints_each_error_on_one_line(run_cli: RunCLI, write_file: Wri
 
     lines = result.stderr.splitlines()
     assert lines[0].startswith("error model.yaml:4 fields.sneaky.expr: ")
-    assert lines[1:] == ["1 invalid model file"]
+    assert lines[1:] == ["1 invalid file"]
 
 
 # --- validate: several files at once -------------------------------------------------
@@ -431,7 +431,7 @@ def test_validate_of_several_files_prints_errors_for_the_invalid_ones(
     entries = _error_entries(mixed_validation.stderr)
     files = [entry.split()[1].partition(":")[0] for entry in entries]
     assert set(files) == {"broken.yaml", "missing.json"}
-    assert "2 invalid model files" in _flat(mixed_validation.stderr)
+    assert "2 invalid files" in _flat(mixed_validation.stderr)
 
 
 def test_validate_of_several_files_exits_2_when_any_is_invalid(

@@ -201,7 +201,7 @@ def test_injected_latency_shows_in_the_ack_latency_and_in_the_report(
     )
     done = run_cli("run", str(scenario), "--report-dir", str(tmp_path / "r"))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "1 faults, through 1 proxies" in done.stdout
+    assert "1 faults, 0 actions, through 1 proxies" in done.stdout
     page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
     assert 'class="fault"' in page
     assert "latency" in page

@@ -71,7 +71,13 @@ def _only(tmp_path: Path, **changes: Any) -> ModelIssue:
 
 
 def test_there_are_example_scenarios() -> None:
-    assert {p.name for p in EXAMPLES} >= {"smoke.yaml", "commands.yaml"}
+    assert {p.name for p in EXAMPLES} >= {
+        "smoke.yaml",
+        "command-response.yaml",
+        "soak-partition.yaml",
+        "failover-storm.yaml",
+        "flaky-cellular.yaml",
+    }
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

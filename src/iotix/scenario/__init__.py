@@ -52,6 +52,11 @@ class RunReport:
     worker_errors: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     """Seed, brokers, fleets, iotix version: shown as they are."""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """What the scenario did when: faults, actions, an abort (``at_s``, ``name``,
+    ``what``)."""
+    commands: dict[str, Any] | None = None
+    """The summary of the scenario's command actions (sent, replied, timed out...)."""
 
     @property
     def passed(self) -> bool:

@@ -18,8 +18,8 @@ in ``docs/checks.md``.
 Metrics, in base units (seconds, fractions, counts). ``<histogram>`` is any of
 ``connect_latency``, ``ack_latency``, ``e2e_latency``, ``schedule_lag``,
 ``intended_latency`` and ``reconnect_time``; ``<stat>`` any of ``p50``, ``p90``,
-``p99``, ``p99_9`` (also written ``p99.9``), ``min``, ``mean`` and ``max``, and ``count`` (the number of samples).
-Every count metric also answers to ``<name>.count``.
+``p99``, ``p99_9`` (also written ``p99.9``), ``min``, ``mean`` and ``max``, and
+``count`` (the number of samples). Every count metric also answers to ``<name>.count``.
 
 ==============================  ==========  ==============================================
 metric                          unit        value, and when it is missing
@@ -39,7 +39,8 @@ metric                          unit        value, and when it is missing
 ``disconnects``                 count       connections lost or closed
 ``commands_received``           count       commands delivered to devices
 ``commands_answered``           count       commands the devices answered
-``devices_connected``           count       devices connected at the end of the run
+``devices_connected``           count       devices connected when the run (or the
+                                            window) ended
 ``errors``                      count       sum of the summary's ``errors_by_kind``
 ``connect_errors.rate``         fraction    connect_failures / connect_attempts;
                                             missing when nothing was attempted
@@ -53,6 +54,21 @@ metric                          unit        value, and when it is missing
 ``lost``                        count       the probe's lost messages (no probe: missing)
 ``duplicates``                  count       the probe's duplicate arrivals (likewise)
 ``reordered``                   count       the probe's out-of-order arrivals (likewise)
+``schema_checked``              count       the probe's messages checked against their model
+``schema_errors``               count       those that did not match it (likewise)
+``command_reply.<stat>``        seconds     ``command_reply``: a scenario's command sent
+                                            to its reply
+``commands_sent``               count       commands the scenario's actions sent
+``command_replies``             count       replies within the timeout, of any status
+``commands_rejected``           count       replies whose status was not ok
+``command_timeouts``            count       commands without a reply in time
+``command_reply_ratio``         fraction    command_replies / commands_sent; missing
+                                            when no command was sent
+``devices_connected.ratio``     fraction    devices_connected / the scenario's devices
+``state.F.S``                   fraction    the share of fleet F's devices in state S (at
+                                            the end of the run or window)
+``state_reached.F.S``           fraction    the share of fleet F's devices that have been
+                                            in state S since the run began
 ==============================  ==========  ==============================================
 
 A ratio with nothing to divide by is *missing*, not 0 or 1: ``connect_errors.rate <
@@ -92,14 +108,18 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
+    "COMMAND_METRICS",
     "HISTOGRAM_STATS",
     "METRICS",
     "OPERATORS",
+    "PROBE_METRICS",
+    "STATE_METRIC",
     "Check",
     "CheckError",
     "Metric",
     "MetricKind",
     "evaluate",
+    "metric_info",
     "parse_check",
     "run_metrics",
 ]
@@ -199,7 +219,7 @@ _SUMMARY_COUNTS: dict[str, str] = {
     "disconnects": "connections lost or closed",
     "commands_received": "commands delivered to devices",
     "commands_answered": "commands the devices answered",
-    "devices_connected": "devices connected at the end of the run",
+    "devices_connected": "devices connected when the run (or the window) ended",
 }
 
 # Counts read from the probe's summary, under the same name.
@@ -207,7 +227,34 @@ _PROBE_COUNTS: dict[str, str] = {
     "lost": "messages the probe never received",
     "duplicates": "messages the probe received more than once",
     "reordered": "messages the probe received out of order",
+    "schema_checked": "messages the probe checked against their device model",
+    "schema_errors": "messages that did not match their device model",
 }
+
+_NO_COMMANDS = "no command was sent: add a command action to the scenario"
+
+# Counts of the scenario's command actions (the commander's summary key in brackets).
+_COMMAND_COUNTS: dict[str, tuple[str, str]] = {
+    "commands_sent": ("sent", "commands the scenario's actions sent"),
+    "command_replies": ("replied", "replies to them, in time, of any status"),
+    "commands_rejected": ("rejected", "replies whose status was not ok"),
+    "command_timeouts": ("timed_out", "commands without a reply in their timeout"),
+}
+
+PROBE_METRICS = frozenset(
+    {"delivery_ratio", *_PROBE_COUNTS, *(f"{n}.count" for n in _PROBE_COUNTS)}
+)
+"""Metrics only the probe's end-of-run summary has (no window, no live value)."""
+
+COMMAND_METRICS = frozenset(
+    {
+        "command_reply_ratio",
+        *_COMMAND_COUNTS,
+        *(f"{n}.count" for n in _COMMAND_COUNTS),
+        *(f"command_reply.{stat}" for stat in HISTOGRAM_STATS),
+    }
+)
+"""Metrics of the scenario's command actions (no live value)."""
 
 # Ratios of two summary counts: name -> (numerator, denominator, description, missing).
 _SUMMARY_RATIOS: dict[str, tuple[str, str, str, str]] = {
@@ -258,6 +305,28 @@ def _build_metrics() -> dict[str, Metric]:
     )
     for name, description in _PROBE_COUNTS.items():
         add(name, MetricKind.COUNT, description, _NO_PROBE)
+    for stat in HISTOGRAM_STATS:
+        kind = MetricKind.COUNT if stat == "count" else MetricKind.DURATION
+        add(
+            f"command_reply.{stat}",
+            kind,
+            f"{stat} of a command sent to its reply received",
+            "no command reply measured: add a command action, to a model that replies",
+        )
+    for name, (_, description) in _COMMAND_COUNTS.items():
+        add(name, MetricKind.COUNT, description, _NO_COMMANDS)
+    add(
+        "devices_connected.ratio",
+        MetricKind.RATIO,
+        "devices_connected / the run's devices",
+        "the number of devices is not known here (a scenario knows it)",
+    )
+    add(
+        "command_reply_ratio",
+        MetricKind.RATIO,
+        "command_replies / commands_sent",
+        _NO_COMMANDS,
+    )
     return metrics
 
 
@@ -344,7 +413,7 @@ class Check:
     @property
     def kind(self) -> MetricKind:
         """What the metric measures."""
-        return METRICS[self.metric].kind
+        return metric_info(self.metric).kind
 
 
 def parse_check(text: str, name: str | None = None) -> Check:
@@ -378,7 +447,7 @@ def parse_check(text: str, name: str | None = None) -> Check:
             expression=expression,
         )
     number, unit = value_match["number"], value_match["unit"]
-    kind = METRICS[metric].kind
+    kind = metric_info(metric).kind
     scale = _unit_scale(metric, kind, unit, expression)
     try:
         exact = _DECIMAL.multiply(Decimal(number), scale)
@@ -399,10 +468,35 @@ def parse_check(text: str, name: str | None = None) -> Check:
     )
 
 
+STATE_METRIC = re.compile(
+    r"(?P<which>state|state_reached)\.(?P<fleet>[A-Za-z_][A-Za-z0-9_-]*)\."
+    r"(?P<state>[A-Za-z_][A-Za-z0-9_]*)"
+)
+"""``state.FLEET.STATE`` (the share of a fleet's devices in a state) and
+``state_reached.FLEET.STATE`` (the share that has been in it): named by the scenario's
+fleets and their models' states, so checked against them when a scenario loads."""
+
+
+def metric_info(name: str) -> Metric:
+    """What a metric a check may name is: one of :data:`METRICS`, or a state metric."""
+    known = METRICS.get(name)
+    if known is not None:
+        return known
+    match = STATE_METRIC.fullmatch(name)
+    if match is None:
+        raise KeyError(name)
+    fleet, state = match["fleet"], match["state"]
+    if match["which"] == "state":
+        description = f"share of fleet {fleet}'s devices in state {state}"
+    else:
+        description = f"share of fleet {fleet}'s devices that have been in state {state}"
+    return Metric(name, MetricKind.RATIO, description, f"no fleet {fleet} in this run")
+
+
 def _resolve_metric(raw: str, expression: str) -> str:
     """The :data:`METRICS` key ``raw`` names, or a :class:`CheckError` saying why none."""
     name = raw[: -len("p99.9")] + "p99_9" if raw.endswith(".p99.9") else raw
-    if name in METRICS:
+    if name in METRICS or STATE_METRIC.fullmatch(name):
         return name
     base, dot, stat = name.rpartition(".")
     if not dot and name in _STATS_BY_BASE:
@@ -481,11 +575,19 @@ def _histogram_metrics(name: str, summary: Mapping[str, Any], out: dict[str, flo
             out[f"{name}.{stat}"] = value
 
 
-def run_metrics(summary: Mapping[str, Any], probe: Mapping[str, Any] | None) -> dict[str, float]:
+def run_metrics(
+    summary: Mapping[str, Any],
+    probe: Mapping[str, Any] | None,
+    commands: Mapping[str, Any] | None = None,
+    devices: int | None = None,
+) -> dict[str, float]:
     """Every metric of a run with a value, flat, in base units (see the module doc).
 
     ``summary`` is :func:`iotix.engine.results.summarise` of the final snapshot,
-    ``probe`` the probe's :meth:`~iotix.engine.probe.DeliveryTracker.summary` or None.
+    ``probe`` the probe's :meth:`~iotix.engine.probe.DeliveryTracker.summary` or None,
+    ``commands`` the summary of the scenario's command actions (sent, replied,
+    rejected, timed_out, reply_latency) or None, ``devices`` how many devices the run
+    has (for ``devices_connected.ratio``) or None.
     Either may have been through JSON (NaN as null). A metric the run has no value for
     (an empty histogram, no probe, a ratio over zero, NaN) is left out: :func:`evaluate`
     fails its checks and says why.
@@ -519,12 +621,48 @@ def run_metrics(summary: Mapping[str, Any], probe: Mapping[str, Any] | None) -> 
             value = _number(probe.get(name))
             if value is not None:
                 out[name] = value
+    _state_metrics(summary, out)
+    connected = out.get("devices_connected")
+    if devices and connected is not None:
+        out["devices_connected.ratio"] = connected / devices
+    if commands is not None:
+        latency = commands.get("reply_latency")
+        if isinstance(latency, dict):
+            _histogram_metrics("command_reply", latency, out)
+        for name, (key, _) in _COMMAND_COUNTS.items():
+            value = commands.get(key)
+            if isinstance(value, dict):  # counts by status
+                value = sum(_number(v) or 0.0 for v in value.values())
+            number = _number(value)
+            if number is not None:
+                out[name] = number
+        sent = out.get("commands_sent")
+        if sent:
+            out["command_reply_ratio"] = out.get("command_replies", 0.0) / sent
     # Every count answers to <name>.count too.
     for name in list(out):
         alias = f"{name}.count"
         if alias in METRICS and alias not in out:
             out[alias] = out[name]
     return out
+
+
+def _state_metrics(summary: Mapping[str, Any], out: dict[str, float]) -> None:
+    """``state.F.S`` and ``state_reached.F.S``: shares of each fleet's devices."""
+    for which, key in (("state", "states"), ("state_reached", "states_reached")):
+        counts = summary.get(key)
+        if not isinstance(counts, dict):
+            continue
+        now = summary.get("states")
+        totals: dict[str, float] = {}
+        for fleet_state, count in (now if isinstance(now, dict) else {}).items():
+            fleet = str(fleet_state).rpartition("/")[0]
+            totals[fleet] = totals.get(fleet, 0.0) + (_number(count) or 0.0)
+        for fleet_state, count in counts.items():
+            fleet, _, state = str(fleet_state).rpartition("/")
+            number = _number(count)
+            if totals.get(fleet) and number is not None:
+                out[f"{which}.{fleet}.{state}"] = number / totals[fleet]
 
 
 # ---------------------------------------------------------------------------------------
@@ -554,7 +692,7 @@ def _expected(check: Check) -> str:
 def _evaluate_one(check: Check, metrics: Mapping[str, float]) -> CheckResult:
     value = metrics.get(check.metric)
     if value is None or math.isnan(value):
-        why = METRICS[check.metric].missing
+        why = metric_info(check.metric).missing
         seen = f"{check.metric} = NaN" if value is not None else check.metric
         return CheckResult(
             name=check.name,

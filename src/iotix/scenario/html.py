@@ -436,6 +436,27 @@ def _worker_errors(report: RunReport) -> list[str]:
     return parts
 
 
+def _timeline(report: RunReport) -> list[str]:
+    """What the scenario did when: its faults and actions (and an abort)."""
+    if not report.events:
+        return []
+    parts = [
+        '<section id="timeline">',
+        "<h2>Timeline</h2>",
+        (
+            '<table class="timeline"><thead><tr><th class="number">At (s)</th><th>Name</th>'
+            "<th>What</th></tr></thead><tbody>"
+        ),
+    ]
+    parts.extend(
+        f'<tr><td class="number">{_text(_human(_finite(event.get("at_s"))))}</td>'
+        f"<td>{_text(event.get('name'))}</td><td>{_text(event.get('what'))}</td></tr>"
+        for event in report.events
+    )
+    parts.append("</tbody></table></section>")
+    return parts
+
+
 def _figures_section(report: RunReport) -> list[str]:
     parts = [
         '<section id="figures">',
@@ -491,6 +512,7 @@ def html_report(
         "<main>",
         *_checks(report),
         *_charts(report, fault_windows),
+        *_timeline(report),
         *_worker_errors(report),
         *_figures_section(report),
         "</main>",

@@ -20,19 +20,36 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
+from iotix.engine.credentials import CREDENTIALS_HINT, CredentialsError, read_credentials
 from iotix.engine.stages import Stage, StagesError, StageSpec, parse_stage_specs
 from iotix.engine.worker import BrokerEndpoint, RunConfigError, parse_brokers
 from iotix.errors import ModelError, ModelIssue
 from iotix.model.loader import LoadedModel, load_model, read_document
-from iotix.scenario.checks import CheckError, parse_check
-from iotix.scenario.spec import CheckSpec, FleetSpec, ScenarioSpec, StageEntrySpec
+from iotix.model.spec import SETTABLE_KINDS
+from iotix.scenario.checks import (
+    COMMAND_METRICS,
+    PROBE_METRICS,
+    STATE_METRIC,
+    CheckError,
+    parse_check,
+)
+from iotix.scenario.spec import (
+    CheckSpec,
+    CommandActionSpec,
+    FailoverActionSpec,
+    FleetSpec,
+    RestartBrokerActionSpec,
+    ScenarioSpec,
+    SetActionSpec,
+    StageEntrySpec,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from pydantic import BaseModel
 
-    from iotix.scenario.spec import FaultEntry
+    from iotix.scenario.spec import ActionEntry, FaultEntry
 
 __all__ = [
     "DEFAULT_DURATION_S",
@@ -78,6 +95,8 @@ class LoadedFleet:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     qos: int | None = None
+    credentials: Path | None = None
+    """A CSV file of per-device credentials (checked: it reads, its header is right)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,14 @@ class LoadedScenario:
     probe: float | None
     faults: tuple[FaultEntry, ...] = ()
     """The network faults, in the file's order (times in seconds from the run's start)."""
+    actions: tuple[ActionEntry, ...] = ()
+    """The actions, in the file's order."""
+    fault_names: tuple[str, ...] = ()
+    """Each fault's name: its own, else its kind (numbered when several share it)."""
+    action_names: tuple[str, ...] = ()
+    """Each action's name, likewise."""
+    check_specs: tuple[CheckSpec, ...] = ()
+    """The checks with their windows and abort settings, in :attr:`checks` order."""
 
     @property
     def name(self) -> str:
@@ -236,6 +263,7 @@ class _Checker:
             first_index.setdefault(fleet.name, i)
             broker = self._broker(i, fleet, names)
             model = self._model(i, fleet, base_dir, models)
+            credentials = self._credentials(i, fleet, base_dir)
             if broker is None or model is None or broker not in endpoints:
                 continue
             loaded.append(
@@ -249,27 +277,206 @@ class _Checker:
                     username=fleet.username,
                     password=fleet.password,
                     qos=fleet.qos,
+                    credentials=credentials,
                 )
             )
         return loaded
 
+    def _credentials(self, i: int, fleet: FleetSpec, base_dir: Path) -> Path | None:
+        if fleet.credentials is None:
+            return None
+        path = Path(os.path.normpath(base_dir / Path(fleet.credentials).expanduser()))
+        try:
+            table = read_credentials(path)
+        except CredentialsError as exc:
+            self.add(("fleets", i, "credentials"), str(exc), CREDENTIALS_HINT)
+            return None
+        if table.by_id is None and len(table.rows) < fleet.devices:
+            self.add(
+                ("fleets", i, "credentials"),
+                f"{path} has {len(table.rows)} rows for {fleet.devices} devices",
+                "add rows, or a device_id column to match devices by id",
+            )
+        return path
+
+    def _known(self, path: PathKey, value: str | None, names: Sequence[str], what: str) -> bool:
+        """``value`` is None or one of ``names``; else an issue with a did-you-mean."""
+        if value is None or value in names:
+            return True
+        close = difflib.get_close_matches(value, list(names), n=1)
+        self.add(
+            path,
+            f"unknown {what} {value!r}",
+            (f"did you mean {close[0]!r}? " if close else "")
+            + f"the scenario defines: {', '.join(names)}",
+        )
+        return False
+
     def faults(self, duration_s: float) -> None:
-        """A fault names a known broker and starts within the run."""
-        names = list(self.spec.brokers)
-        for i, fault in enumerate(self.spec.faults):
-            if fault.broker is not None and fault.broker not in self.spec.brokers:
-                close = difflib.get_close_matches(fault.broker, names, n=1)
-                self.add(
-                    ("faults", i, "broker"),
-                    f"unknown broker {fault.broker!r}",
-                    (f"did you mean {close[0]!r}? " if close else "")
-                    + f"brokers defines: {', '.join(names)}",
-                )
+        """A fault names a known broker and fleet, starts within the run, and does not
+        overlap another of its kind on the same connections."""
+        brokers = list(self.spec.brokers)
+        fleets = [fleet.name for fleet in self.spec.fleets]
+        faults = self.spec.faults
+        for i, fault in enumerate(faults):
+            self._known(("faults", i, "broker"), fault.broker, brokers, "broker")
+            self._known(("faults", i, "fleet"), fault.fleet, fleets, "fleet")
             if fault.at_s >= duration_s:
                 self.add(
                     ("faults", i, "at"),
                     f"the fault starts at {fault.at_s:g} s, when the run ({duration_s:g} s) "
                     "is over",
+                )
+            for j, earlier in enumerate(faults[:i]):
+                if _overlap(earlier, fault):
+                    self.add(
+                        ("faults", i, "at"),
+                        f"this {fault.kind} fault overlaps faults[{j}], a {earlier.kind} on "
+                        f"the same connections from {earlier.at_s:g} s to "
+                        f"{earlier.at_s + (earlier.duration_s or 0):g} s",
+                        "merge them into one, or move one so that they follow each other",
+                    )
+
+    def actions(self, fleets: Sequence[LoadedFleet], duration_s: float) -> None:
+        """An action names known fleets, brokers, commands and fields, and its condition
+        is a check expression."""
+        brokers = list(self.spec.brokers)
+        by_name = {fleet.name: fleet for fleet in fleets}
+        fleet_names = [fleet.name for fleet in self.spec.fleets]
+        for i, action in enumerate(self.spec.actions):
+            at: PathKey = ("actions", i)
+            if action.at_s is not None and action.at_s >= duration_s:
+                self.add(
+                    (*at, "at"),
+                    f"the action is at {action.at_s:g} s, when the run ({duration_s:g} s) is over",
+                )
+            if action.when is not None:
+                try:
+                    metric = parse_check(action.when).metric
+                except CheckError as exc:
+                    self.add((*at, "when"), str(exc))
+                else:
+                    self.state_metric((*at, "when"), metric, fleets)
+            if not self._known((*at, "fleet"), action.fleet, fleet_names, "fleet"):
+                continue
+            if isinstance(action, RestartBrokerActionSpec | FailoverActionSpec):
+                self._known((*at, "broker"), action.broker, brokers, "broker")
+                if (
+                    isinstance(action, FailoverActionSpec)
+                    and self._known((*at, "to"), action.to, brokers, "broker")
+                    and action.to == action.broker
+                ):
+                    self.add((*at, "to"), "a broker cannot fail over to itself")
+                continue
+            targets = [by_name[action.fleet]] if action.fleet else list(fleets)
+            if isinstance(action, CommandActionSpec):
+                for fleet in targets:
+                    self._command(at, action, fleet)
+            elif isinstance(action, SetActionSpec):
+                for fleet in targets:
+                    self._settable(at, action, fleet)
+
+    def _command(self, at: PathKey, action: CommandActionSpec, fleet: LoadedFleet) -> None:
+        commands = fleet.model.spec.commands
+        if commands is None:
+            self.add(
+                (*at, "command"),
+                f"fleet {fleet.name!r}: its model {fleet.model.spec.name!r} takes no commands",
+                "add a commands section to the model, or send the command to another fleet",
+            )
+        elif action.command not in commands.handlers:
+            self._known(
+                (*at, "command"),
+                action.command,
+                list(commands.handlers),
+                f"command for fleet {fleet.name!r} (its model handles)",
+            )
+
+    def _settable(self, at: PathKey, action: SetActionSpec, fleet: LoadedFleet) -> None:
+        fields = fleet.model.spec.fields
+        spec = fields.get(action.field)
+        if spec is None:
+            self._known(
+                (*at, "field"), action.field, list(fields), f"field of fleet {fleet.name!r}"
+            )
+        elif spec.kind not in SETTABLE_KINDS:
+            self.add(
+                (*at, "field"),
+                f"fleet {fleet.name!r}: {action.field} is a {spec.kind} field, which cannot be set",
+                f"only {', '.join(SETTABLE_KINDS)} fields take a new value",
+            )
+
+    def timeline(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The names of the faults and the actions (given, or the kind, numbered when
+        several share it); two of one name are an issue."""
+        entries = [("faults", i, f) for i, f in enumerate(self.spec.faults)] + [
+            ("actions", i, a) for i, a in enumerate(self.spec.actions)
+        ]
+        kinds = [entry.kind for _, _, entry in entries if entry.name is None]
+        seen: dict[str, int] = {}
+        names: list[str] = []
+        first: dict[str, str] = {}
+        for section, i, entry in entries:
+            name = entry.name
+            if name is None:
+                name = entry.kind
+                if kinds.count(entry.kind) > 1:
+                    seen[entry.kind] = seen.get(entry.kind, 0) + 1
+                    name = f"{entry.kind}-{seen[entry.kind]}"
+            where = f"{section}[{i}]"
+            if name in first:
+                self.add(
+                    (section, i, "name"),
+                    f"duplicate name {name!r} ({first[name]} has it too)",
+                    "name faults and actions apart: checks refer to them by name",
+                )
+            first.setdefault(name, where)
+            names.append(name)
+        count = len(self.spec.faults)
+        return tuple(names[:count]), tuple(names[count:])
+
+    def windows(self, specs: Sequence[CheckSpec], names: Sequence[str]) -> None:
+        """A check's ``during`` and ``after`` name a fault or an action; ``during`` one
+        that lasts."""
+        lasting = {
+            name
+            for name, entry in zip(names, [*self.spec.faults, *self.spec.actions], strict=True)
+            if getattr(entry, "duration_s", None)
+            or getattr(entry, "down_for_s", None)
+            or getattr(entry, "offline_s", None)
+        }
+        for i, spec in enumerate(specs):
+            if (
+                spec.during is not None
+                and self._known(("checks", i, "during"), spec.during, names, "fault or action")
+                and spec.during not in lasting
+            ):
+                self.add(
+                    ("checks", i, "during"),
+                    f"{spec.during!r} happens at one instant: there is no 'during'",
+                    f"write after: {spec.during} (with for: 30s, say)",
+                )
+            self._known(("checks", i, "after"), spec.after, names, "fault or action")
+            windowed = spec.during or spec.after or spec.from_s is not None or spec.to_s is not None
+            if not (windowed or spec.abort_on_fail):
+                continue
+            try:
+                metric = parse_check(spec.check).metric
+            except CheckError:
+                continue  # said by checks()
+            if windowed and metric in PROBE_METRICS | COMMAND_METRICS:
+                whose = "the probe's" if metric in PROBE_METRICS else "the commands'"
+                self.add(
+                    ("checks", i, "check"),
+                    f"{metric} is {whose} figure over the whole run: it has no value over a window",
+                    "check it over the whole run; e2e_latency and the engine's figures take "
+                    "windows",
+                )
+            if spec.abort_on_fail and metric in PROBE_METRICS | COMMAND_METRICS:
+                self.add(
+                    ("checks", i, "abort_on_fail"),
+                    f"{metric} is known only at the end of the run: it cannot abort it",
+                    "abort on the engine's figures (connects, errors, latencies)",
                 )
 
     def _broker(self, i: int, fleet: FleetSpec, names: list[str]) -> str | None:
@@ -363,7 +570,23 @@ class _Checker:
             )
         return total_s
 
-    def checks(self) -> tuple[tuple[str, str], ...]:
+    def state_metric(self, path: PathKey, metric: str, fleets: Sequence[LoadedFleet]) -> None:
+        """A ``state.F.S`` metric names a fleet of the scenario and a state of its model."""
+        match = STATE_METRIC.fullmatch(metric)
+        if match is None:
+            return
+        by_name = {fleet.name: fleet for fleet in fleets}
+        fleet = by_name.get(match["fleet"])
+        if fleet is None:
+            if match["fleet"] not in {f.name for f in self.spec.fleets}:
+                self._known(path, match["fleet"], list(by_name), "fleet")
+            return
+        machine = fleet.model.spec.states
+        states = list(machine.states) if machine is not None else ["default"]
+        if match["state"] not in states:
+            self._known(path, match["state"], states, f"state of fleet {fleet.name!r}")
+
+    def checks(self, fleets: Sequence[LoadedFleet] = ()) -> tuple[tuple[str, str], ...]:
         named = self.spec.named_checks()
         first_index: dict[str, int] = {}
         for i, ((name, expression), entry) in enumerate(zip(named, self.spec.checks, strict=True)):
@@ -378,15 +601,29 @@ class _Checker:
                     "name the checks apart: {name: ..., check: ...}",
                 )
             else:
+                where: PathKey = ("checks", i) if isinstance(entry, str) else ("checks", i, "check")
                 try:
-                    parse_check(expression, name)
+                    metric = parse_check(expression, name).metric
                 except CheckError as exc:
-                    where: PathKey = (
-                        ("checks", i) if isinstance(entry, str) else ("checks", i, "check")
-                    )
                     self.add(where, str(exc))  # it names close metrics itself
+                else:
+                    self.state_metric(where, metric, fleets)
             first_index.setdefault(name, i)
         return named
+
+
+def _overlap(first: FaultEntry, second: FaultEntry) -> bool:
+    """Two faults of one kind on the same connections at the same time (which of them
+    counts would be anybody's guess)."""
+    if first.kind != second.kind or first.duration_s is None or second.duration_s is None:
+        return False
+    if first.broker and second.broker and first.broker != second.broker:
+        return False
+    if first.fleet and second.fleet and first.fleet != second.fleet:
+        return False
+    return (
+        first.at_s < second.at_s + second.duration_s and second.at_s < first.at_s + first.duration_s
+    )
 
 
 def _stage_spec(entry: StageEntrySpec) -> StageSpec:
@@ -436,8 +673,12 @@ def load_scenario_data(
     fleets = checker.fleets(endpoints, base_dir)
     stages = checker.stages(sum(fleet.devices for fleet in spec.fleets))
     duration_s = checker.duration_s(stages)
-    checks = checker.checks()
+    checks = checker.checks(fleets)
     checker.faults(duration_s)
+    checker.actions(fleets, duration_s)
+    fault_names, action_names = checker.timeline()
+    check_specs = spec.check_specs()
+    checker.windows(check_specs, [*fault_names, *action_names])
     if checker.issues:
         raise ScenarioError(checker.issues)
     return LoadedScenario(
@@ -451,6 +692,10 @@ def load_scenario_data(
         seed=spec.seed,
         probe=spec.probe,
         faults=tuple(spec.faults),
+        actions=tuple(spec.actions),
+        fault_names=fault_names,
+        action_names=action_names,
+        check_specs=check_specs,
     )
 
 

@@ -387,6 +387,18 @@ def markdown(report: RunReport) -> str:
             )
             for name, stats in latencies.items()
         )
+    if report.events:
+        lines += [
+            "",
+            "### Timeline",
+            "",
+            _row("At (s)", "Name", "What"),
+            _row("---:", "---", "---"),
+        ]
+        lines.extend(
+            _row(_human(_finite(event.get("at_s"))), _md(event.get("name")), _md(event.get("what")))
+            for event in report.events
+        )
     if report.worker_errors:
         lines += ["", f"### Worker errors ({len(report.worker_errors)})"]
         for error in report.worker_errors:

@@ -18,7 +18,7 @@ from iotix.engine.fleet import FleetPlan
 from iotix.engine.results import summarise
 from iotix.engine.stages import Stage
 from iotix.engine.worker import RunSettings, default_source_addresses
-from iotix.scenario import RunReport
+from iotix.scenario import CheckResult, RunReport
 from iotix.scenario.checks import Check, evaluate, parse_check, run_metrics
 
 if TYPE_CHECKING:
@@ -46,12 +46,12 @@ def plan_scenario(
     *,
     scale: float = 1.0,
     brokers: tuple[BrokerEndpoint, ...] | None = None,
-    routes: Mapping[BrokerEndpoint, BrokerEndpoint] | None = None,
+    routes: Mapping[str, Mapping[BrokerEndpoint, BrokerEndpoint]] | None = None,
 ) -> ScenarioPlan:
     """The fleets and settings of ``scenario``, with every fleet's devices and every
     duration multiplied by ``scale`` (at least one device a fleet); ``brokers`` replaces
-    every fleet's broker (to point an example at your own); ``routes`` sends the fleets
-    to other endpoints than their brokers' (the fault proxies), not the probe."""
+    every fleet's broker (to point an example at your own); ``routes`` sends each fleet
+    (by name) to other endpoints than its broker's (the fault proxies), not the probe."""
     if not scale > 0:
         raise ValueError(f"scale must be above 0, not {scale}")
     total = scenario.devices
@@ -59,12 +59,15 @@ def plan_scenario(
     for fleet in scenario.fleets:
         devices = max(1, round(fleet.devices * scale))
         endpoints = brokers or fleet.brokers
+        route = (routes or {}).get(fleet.name, {})
         overrides: dict[str, Any] = {
-            "brokers": tuple((routes or {}).get(e, e) for e in endpoints),
+            "brokers": tuple(route.get(e, e) for e in endpoints),
             "username": fleet.username,
             "password": fleet.password,
             "qos": fleet.qos,
             "source_addresses": default_source_addresses(endpoints, devices),
+            "credentials_file": None if fleet.credentials is None else str(fleet.credentials),
+            "fleet": fleet.name,
         }
         if scenario.stages:
             # Each fleet follows the stages in proportion to its share of the devices.
@@ -91,10 +94,22 @@ def report_scenario(
     series: TimeSeries,
     *,
     started_at: str,
+    commands: Mapping[str, Any] | None = None,
+    windowed: Mapping[int, CheckResult] | None = None,
+    aborted: CheckResult | None = None,
 ) -> RunReport:
-    """Evaluate the checks on the run's figures; the report of the run."""
+    """Evaluate the checks on the run's figures; the report of the run.
+
+    ``commands`` is the summary of the scenario's command actions; ``windowed`` the
+    results of the checks with a window (by index), evaluated by the conductor;
+    ``aborted`` the live check that stopped the run, which fails whatever the end
+    figures say."""
     summary = summarise(outcome.snapshot)
-    results = evaluate(plan.checks, run_metrics(summary, outcome.probe))
+    results = evaluate(plan.checks, run_metrics(summary, outcome.probe, commands, plan.devices))
+    for i, result in (windowed or {}).items():
+        results[i] = result
+    if aborted is not None:
+        results = [aborted if r.name == aborted.name else r for r in results]
     duration = summary["duration_s"]
     return RunReport(
         scenario=scenario.name,
@@ -119,6 +134,7 @@ def report_scenario(
                 {str(b) for planned in plan.fleets for b in planned.overrides["brokers"]}
             ),
             "interrupted": outcome.interrupted,
+            "aborted": aborted is not None,
         },
     )
 

@@ -33,6 +33,7 @@ from pydantic import (
 from iotix.engine.stages import StagesError, parse_duration_s, parse_stage_specs
 
 __all__ = [
+    "ActionEntry",
     "CheckSpec",
     "FleetSpec",
     "ScenarioSpec",
@@ -122,6 +123,13 @@ class FleetSpec(Spec):
         default=None, description="User name template, e.g. `{device_id}`."
     )
     password: str | None = Field(default=None, description="Password template.")
+    credentials: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A CSV file of per-device credentials, relative to the scenario file: "
+        "a header with `username` and `password`, and `device_id` to match devices by id "
+        "(else row N is device N).",
+    )
     qos: int | None = Field(
         default=None, ge=0, le=2, description="QoS for every message (default: the model's)."
     )
@@ -169,10 +177,64 @@ class StageEntrySpec(Spec):
 
 
 class CheckSpec(Spec):
-    """A named check; a check written as a bare string is named by its text."""
+    """A named check; a check written as a bare string is named by its text. By default
+    it is evaluated over the whole run; ``during``, ``after`` or ``from``/``to`` narrow
+    it to a window."""
 
-    name: str = Field(min_length=1, description="Unique within the scenario (a JUnit case).")
+    name: str | None = Field(
+        default=None, min_length=1, description="Unique within the scenario (a JUnit case)."
+    )
     check: str = Field(min_length=1, description="The condition, e.g. `e2e_latency.p99 < 200ms`.")
+    during: Name | None = Field(
+        default=None, description="Only while this fault or action (by name) is in force."
+    )
+    after: Name | None = Field(
+        default=None, description="Only after this fault or action (by name) has ended."
+    )
+    for_s: Duration | None = Field(
+        default=None,
+        alias="for",
+        description="With `after`: how long the window lasts; default: to the run's end.",
+    )
+    from_s: StageDuration | None = Field(
+        default=None, alias="from", description="The window's start, from the run's start."
+    )
+    to_s: Duration | None = Field(
+        default=None, alias="to", description="The window's end, from the run's start."
+    )
+    abort_on_fail: bool = Field(
+        default=False,
+        description="Evaluate it while the run goes on, and stop the run the first time it "
+        "fails (whole-run checks only).",
+    )
+    abort_after_s: StageDuration = Field(
+        default=0.0,
+        alias="abort_after",
+        description="With `abort_on_fail`: do not judge before this time (let the run warm up).",
+    )
+
+    @model_validator(mode="after")
+    def _one_window(self) -> CheckSpec:
+        ways = [
+            way
+            for way, given in (
+                ("during", self.during is not None),
+                ("after", self.after is not None),
+                ("from/to", self.from_s is not None or self.to_s is not None),
+            )
+            if given
+        ]
+        if len(ways) > 1:
+            raise ValueError(f"a check has one window: {' and '.join(ways)} are both given")
+        if self.for_s is not None and self.after is None:
+            raise ValueError("`for` goes with `after` (how long after it the window lasts)")
+        if self.from_s is not None and self.to_s is not None and self.to_s <= self.from_s:
+            raise ValueError(
+                f"the window ends ({self.to_s:g} s) before it starts ({self.from_s:g} s)"
+            )
+        if self.abort_on_fail and ways:
+            raise ValueError("abort_on_fail is for whole-run checks, not windowed ones")
+        return self
 
 
 def _check_kind(value: Any) -> str:
@@ -195,9 +257,41 @@ Stages = Annotated[
 ]
 
 
+def _share(value: Any) -> Any:
+    """A share written as a fraction (``0.25``) or a percentage (``"25%"``), as a
+    fraction; pydantic's bounds then check it is in (0, 1]."""
+    if isinstance(value, str):
+        text = value.strip()
+        if _PERCENT.fullmatch(text):
+            return float(Fraction(text[:-1]) / 100)
+        raise ValueError(f"a share is a fraction (0.25) or a percentage (25%), not {value!r}")
+    return value
+
+
+Share = Annotated[
+    float,
+    BeforeValidator(_share),
+    Field(gt=0, le=1),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                {"type": "string", "pattern": rf"^\s*{_NUMBER}%\s*$"},
+            ]
+        }
+    ),
+]
+"""The part of a group something applies to: ``0.25`` or ``25%``, more than 0, at most all."""
+
+
 class _FaultSpec(Spec):
     """When, where and for how long a network fault applies."""
 
+    name: Name | None = Field(
+        default=None,
+        description="What checks call it (`during: NAME`); default: its kind, numbered "
+        "when several faults share one.",
+    )
     at_s: StageDuration = Field(alias="at", description="When it starts, from the run's start.")
     duration_s: Duration | None = Field(
         default=None,
@@ -207,8 +301,11 @@ class _FaultSpec(Spec):
     broker: BrokerName | None = Field(
         default=None, description="Only the connections to this broker; default: every broker."
     )
-    share: float = Field(
-        default=1.0, gt=0, le=1, description="The fraction of those connections it hits."
+    fleet: Name | None = Field(
+        default=None, description="Only this fleet's connections; default: every fleet."
+    )
+    share: Share = Field(
+        default=1.0, description="The part of those connections it hits: 0.25 or 25%."
     )
 
     @model_validator(mode="after")
@@ -279,6 +376,124 @@ FaultEntry = Annotated[
 ]
 
 
+class _ActionSpec(Spec):
+    """When an action happens: at a time, on a condition, or on a condition from a time."""
+
+    name: Name | None = Field(
+        default=None,
+        description="What checks call it (`after: NAME`); default: its kind, numbered when "
+        "several actions share one.",
+    )
+    at_s: StageDuration | None = Field(
+        default=None,
+        alias="at",
+        description="When it happens, from the run's start; with `when`, the earliest time.",
+    )
+    when: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A condition in the checks' language (`devices_connected >= 1000`): the "
+        "action happens the first time it holds.",
+    )
+
+    @model_validator(mode="after")
+    def _timed(self) -> _ActionSpec:
+        if self.at_s is None and self.when is None:
+            raise ValueError("an action needs `at` (a time), `when` (a condition), or both")
+        return self
+
+
+class _DeviceActionSpec(_ActionSpec):
+    """An action on devices: all of a fleet's, or a share of them."""
+
+    fleet: Name | None = Field(
+        default=None, description="The devices' fleet; default: every fleet."
+    )
+    share: Share = Field(
+        default=1.0,
+        description="The part of the fleet's devices: 0.25 or 25%; the same share picks the "
+        "same devices in every action (nested: 10% are among 50%).",
+    )
+
+
+class DisconnectActionSpec(_DeviceActionSpec):
+    """Connections closed by the devices; they come back after ``offline``."""
+
+    kind: Literal["disconnect"]
+    offline_s: StageDuration = Field(
+        default=0.0,
+        alias="offline",
+        description="How long the devices stay away; 0: they reconnect at once, with backoff.",
+    )
+    clean: bool = Field(
+        default=False,
+        description="Send DISCONNECT (the broker drops the wills); default: just close the "
+        "socket, as a device that loses power (the broker sends the wills).",
+    )
+
+
+class ReconnectStormActionSpec(_DeviceActionSpec):
+    """Every selected device drops its connection and reconnects at once, no backoff."""
+
+    kind: Literal["reconnect_storm"]
+
+
+class CommandActionSpec(_DeviceActionSpec):
+    """A command sent to the devices on their command topic; their replies are timed."""
+
+    kind: Literal["command"]
+    command: str = Field(min_length=1, description="A command of the fleet's model.")
+    payload: dict[str, Any] = Field(default_factory=dict, description="The command's JSON body.")
+    timeout_s: Duration = Field(
+        default=10.0, alias="timeout", description="A reply later than this counts as timed out."
+    )
+
+
+class SetActionSpec(_DeviceActionSpec):
+    """A field of the model set on the devices, as a command's `set` would."""
+
+    kind: Literal["set"]
+    field: str = Field(
+        min_length=1, description="A constant, counter or random_walk field of the model."
+    )
+    value: float | int | bool | str = Field(description="Its new value.")
+
+
+class _BrokerActionSpec(_ActionSpec):
+    """An action on a broker endpoint, as the devices see it (through the run's proxy)."""
+
+    broker: BrokerName = Field(description="A key of `brokers`.")
+    fleet: Name | None = Field(
+        default=None, description="Only this fleet's view of the broker; default: every fleet's."
+    )
+
+
+class RestartBrokerActionSpec(_BrokerActionSpec):
+    """The broker endpoint goes down (connections reset, new ones refused) and comes back."""
+
+    kind: Literal["restart_broker"]
+    down_for_s: Duration = Field(alias="down_for", description="How long it stays down.")
+
+
+class FailoverActionSpec(_BrokerActionSpec):
+    """The endpoint's traffic moves to another broker (a virtual address moving): the
+    connections reset and the devices reconnect, to ``to``."""
+
+    kind: Literal["failover"]
+    to: BrokerName = Field(description="The broker that takes over (a key of `brokers`).")
+
+
+ActionEntry = Annotated[
+    DisconnectActionSpec
+    | ReconnectStormActionSpec
+    | CommandActionSpec
+    | SetActionSpec
+    | RestartBrokerActionSpec
+    | FailoverActionSpec,
+    Field(discriminator="kind"),
+]
+
+
 class ScenarioSpec(Spec):
     """A whole run: where devices connect, which devices, how many when, and the checks
     that decide the verdict."""
@@ -320,6 +535,11 @@ class ScenarioSpec(Spec):
         "and their brokers: latency, bandwidth, blackhole, reset, slow_close, partition, "
         "target_down.",
     )
+    actions: list[ActionEntry] = Field(
+        default_factory=list,
+        description="Things done during the run, at a time or on a condition: disconnect, "
+        "reconnect_storm, command, set, restart_broker, failover.",
+    )
 
     @field_validator("stages", mode="after")
     @classmethod
@@ -332,10 +552,23 @@ class ScenarioSpec(Spec):
         return value
 
     def named_checks(self) -> tuple[tuple[str, str], ...]:
-        """Every check as (name, expression); a bare check is named by its text."""
+        """Every check as (name, expression); a check without a name is named by its text."""
         return tuple(
-            (entry.strip(), entry.strip())
+            (spec.check if spec.name is None else spec.name, spec.check)
+            for spec in self.check_specs()
+        )
+
+    def check_specs(self) -> tuple[CheckSpec, ...]:
+        """Every check as a :class:`CheckSpec`, text stripped (a bare string is one
+        without a window)."""
+        return tuple(
+            CheckSpec.model_construct(check=entry.strip())
             if isinstance(entry, str)
-            else (entry.name.strip(), entry.check.strip())
+            else entry.model_copy(
+                update={
+                    "name": None if entry.name is None else entry.name.strip(),
+                    "check": entry.check.strip(),
+                }
+            )
             for entry in self.checks
         )
