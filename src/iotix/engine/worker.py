@@ -40,7 +40,7 @@ from iotix.engine.stages import Stage, StagePlan
 from iotix.errors import IotixError, MQTTProtocolError
 from iotix.metrics import Counters, Histogram, Snapshot
 from iotix.model.connection import ConnectionTemplates
-from iotix.model.runtime import DeviceBatch, MessageKind
+from iotix.model.runtime import CommandStatus, DeviceBatch, MessageKind
 from iotix.protocols.mqtt.packets import ProtocolVersion, QoS0Frames, Subscription, Will
 from iotix.protocols.mqtt.session import (
     DisconnectedEvent,
@@ -960,11 +960,14 @@ class Worker:
             payload = {"raw": event.payload.decode("utf-8", "replace")}
         now = self.clock.now_s()
         try:
-            self.batch.handle_command(device.row, match["command"], payload, now)
+            status = self.batch.handle_command(device.row, match["command"], payload, now)
             self._nudge()  # its reply may be due sooner than the loop would wake
             if self.batch.offline_until_s[device.row] > now:
                 self._rebooting.append(device)
         except IotixError as exc:
             counters.count_error(f"command failed: {type(exc).__name__}")
             return
+        if status is CommandStatus.OFFLINE:
+            counters.count_error("command ignored: device offline")
+            return  # an offline device does not answer
         counters.commands_answered += 1

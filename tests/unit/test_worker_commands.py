@@ -1,0 +1,56 @@
+"""How a worker counts the commands its devices receive (no broker: the events are
+handed to a device as its connection would)."""
+
+from __future__ import annotations
+
+import pytest
+
+from iotix.clock import WallClock
+from iotix.engine.worker import BrokerEndpoint, RunSettings, Worker, _command_pattern
+from iotix.errors import ModelError
+from iotix.model.loader import load_model_data
+from iotix.protocols.mqtt.session import MessageReceivedEvent
+
+MODEL = {
+    "name": "box",
+    "id": "box-{index:03d}",
+    "fields": {"n": {"kind": "counter"}},
+    "messages": {"telemetry": {"schedule": {"kind": "interval", "interval_s": 1}}},
+    "commands": {
+        "topic": "site/{index:03d}/{command}",
+        "handlers": {"reboot": {"offline_s": 30}, "ping": {}},
+    },
+}
+
+
+def _worker() -> Worker:
+    settings = RunSettings(devices=1, brokers=(BrokerEndpoint("127.0.0.1", 1),))
+    return Worker(load_model_data(MODEL), range(1), settings, WallClock())
+
+
+def test_a_command_to_an_offline_device_is_not_answered() -> None:
+    worker = _worker()
+    device = worker.devices[0]
+    device(MessageReceivedEvent("site/000/reboot", b"{}", 1, False))
+    device(MessageReceivedEvent("site/000/ping", b"{}", 1, False))  # it is offline now
+    counters = worker.counters
+    assert counters.commands_received == 2
+    assert counters.commands_answered == 1
+    assert counters.errors_by_kind == {"command ignored: device offline": 1}
+
+
+def test_a_command_topic_keeps_its_format_spec_for_the_subscription() -> None:
+    topic_filter, pattern = _command_pattern("site/{index:03d}/{command}")
+    assert topic_filter == "site/{index:03d}/+"
+    match = pattern.match("site/007/reboot")
+    assert match is not None
+    assert match["command"] == "reboot"
+
+
+def test_a_command_topic_without_the_command_is_refused() -> None:
+    model = {**MODEL, "commands": {"topic": "site/{index}/cmd", "handlers": {"ping": {}}}}
+    with pytest.raises(ModelError) as info:
+        load_model_data(model)
+    [issue] = info.value.issues
+    assert issue.dotted_path == "commands.topic"
+    assert "it has no {command}" in issue.problem
