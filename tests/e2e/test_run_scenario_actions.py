@@ -243,6 +243,23 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _proxies(pid: int) -> list[int]:
+    """The fault proxy processes of a run (spawned children)."""
+    found = []
+    for child in _children(pid):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing.spawn" in command or b"spawn_main" in command:
+            found.append(child)
+    return found
+
+
+def _proxy_ports(pid: int) -> set[int]:
+    return {port for proxy in _proxies(pid) for port in _listening_ports(proxy)}
+
+
 def _workers(pid: int) -> list[int]:
     """The worker processes of a run: children of its fork server (or of the run)."""
     found = []
@@ -286,10 +303,10 @@ def _long_faulty_run(
     try:
         # Running: its workers exist and its proxy listens.
         _wait(
-            lambda: bool(_workers(process.pid)) and bool(_listening_ports(process.pid)),
+            lambda: bool(_workers(process.pid)) and bool(_proxy_ports(process.pid)),
             "the run to start",
         )
-        yield process, _workers(process.pid)
+        yield process, _workers(process.pid) + _proxies(process.pid)
         process.wait(timeout=WAIT_S)
     finally:
         if process.poll() is None:
@@ -299,15 +316,16 @@ def _long_faulty_run(
 def test_a_supervisor_killed_mid_fault_leaves_no_fault_and_no_device_behind(
     tmp_path: Path, brokers: tuple[MosquittoBroker, MosquittoBroker]
 ) -> None:
-    with _long_faulty_run(tmp_path, brokers[0], tmp_path / "r") as (process, workers):
-        ports = _listening_ports(process.pid)
+    with _long_faulty_run(tmp_path, brokers[0], tmp_path / "r") as (process, children):
+        ports = _proxy_ports(process.pid)
         os.kill(process.pid, signal.SIGKILL)
-    # The fault lived in the killed process: its proxy's port is free at once...
+    # The workers and the proxy process see their control pipes close and stop by
+    # themselves, the proxy reverting its fault...
+    _wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), "the children")
+    # ... so nothing listens on the proxy's port any more.
     for port in ports:
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, port
-    # ... and the workers see their control pipe close and stop by themselves.
-    _wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "the workers")
 
 
 def test_a_stop_signal_in_the_middle_of_a_fault_reverts_it_and_still_reports(

@@ -1,8 +1,10 @@
 """A scenario's timeline while it runs: fault proxies, faults, actions, live checks.
 
 :class:`Conductor` runs on an event loop of its own (a thread beside the supervisor).
-It starts one :class:`~iotix.faults.FaultProxy` per fleet and broker endpoint when the
-scenario has faults or broker actions, and hands out the proxies' addresses for the
+It starts fault proxies (:class:`~iotix.faults.process.ProxyProcess`, a
+:class:`~iotix.faults.FaultProxy` in a process of its own: as many per fleet and broker
+endpoint as its connections need, 9,000 each) when the scenario has faults or broker
+actions, and hands out the proxies' addresses for the
 fleets to connect to (the probe and the commander keep the direct route: they are the
 back end, and measure what got through). It puts each fault in force at its time, does
 each action at its time or the first time its condition holds, and stops everything
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -35,7 +38,6 @@ from iotix.errors import IotixError
 from iotix.faults import (
     Bandwidth,
     Blackhole,
-    FaultProxy,
     FaultSpec,
     Latency,
     Partition,
@@ -43,6 +45,7 @@ from iotix.faults import (
     SlowClose,
     TargetDown,
 )
+from iotix.faults.process import CONNECTIONS_PER_PROXY, ProxyProcess
 from iotix.metrics import Histogram, Snapshot
 from iotix.scenario import CheckResult
 from iotix.scenario.checks import Check, evaluate, parse_check, run_metrics
@@ -156,7 +159,7 @@ class Conductor:
         self.brokers: dict[str, tuple[BrokerEndpoint, ...]] = {
             name: override or endpoints for name, endpoints in _broker_endpoints(scenario).items()
         }
-        self.proxies: dict[tuple[str, BrokerEndpoint], FaultProxy] = {}
+        self.proxies: dict[tuple[str, BrokerEndpoint, int], ProxyProcess] = {}
         self.happened: dict[str, tuple[float, float]] = {}
         """Name -> (start, end) of each fault and action that took place, seconds from
         the run's start (as the conductor's clock saw them)."""
@@ -203,40 +206,48 @@ class Conductor:
             for a in self.scenario.actions
         )
 
-    def start(self) -> dict[str, dict[BrokerEndpoint, BrokerEndpoint]]:
+    def start(self) -> dict[str, dict[BrokerEndpoint, tuple[BrokerEndpoint, ...]]]:
         """Start the loop and the proxies; returns, per fleet, each broker endpoint's
-        replacement (its proxy), empty when the scenario needs no proxies."""
+        replacements (its proxies, over which its devices spread), empty when the
+        scenario needs no proxies."""
         self._thread.start()
         try:
-            self._call(self._start())
+            self._start()
         except BaseException:
             self.stop()
             raise
-        routes: dict[str, dict[BrokerEndpoint, BrokerEndpoint]] = {}
-        for (fleet, endpoint), proxy in self.proxies.items():
-            routes.setdefault(fleet, {})[endpoint] = dataclasses.replace(
-                endpoint, host="127.0.0.1", port=proxy.port
-            )
+        routes: dict[str, dict[BrokerEndpoint, tuple[BrokerEndpoint, ...]]] = {}
+        for (fleet, endpoint, _), proxy in self.proxies.items():
+            replacement = dataclasses.replace(endpoint, host="127.0.0.1", port=proxy.port)
+            route = routes.setdefault(fleet, {})
+            route[endpoint] = (*route.get(endpoint, ()), replacement)
         return routes
 
-    async def _start(self) -> None:
+    def _start(self) -> None:
         if not self.needs_proxies:
             return
-        for fleet in self.scenario.fleets:
-            for endpoint in self.brokers[fleet.broker]:
-                proxy = FaultProxy(endpoint.host, endpoint.port, seed=self.scenario.seed)
-                await proxy.start()
-                self.proxies[(fleet.name, endpoint)] = proxy
+        for fleet, devices in zip(self.scenario.fleets, self.fleet_devices, strict=True):
+            endpoints = self.brokers[fleet.broker]
+            per_endpoint = math.ceil(devices / len(endpoints))
+            for endpoint in endpoints:
+                for number in range(max(1, math.ceil(per_endpoint / CONNECTIONS_PER_PROXY))):
+                    self.proxies[(fleet.name, endpoint, number)] = ProxyProcess(
+                        endpoint.host, endpoint.port, seed=self.scenario.seed
+                    )
+        for proxy in self.proxies.values():
+            proxy.launch()
+        for proxy in self.proxies.values():
+            proxy.wait_ready()
 
     def probe_brokers(self) -> list[BrokerEndpoint]:
-        """Where the probe subscribes: every broker a fleet uses or fails over to."""
+        """Where the probe subscribes: every MQTT broker a fleet uses or fails over to."""
         names = {fleet.broker for fleet in self.scenario.fleets} | {
             a.to for a in self.scenario.actions if isinstance(a, FailoverActionSpec)
         }
         found: list[BrokerEndpoint] = []
         for name in sorted(names):
             for endpoint in self.brokers[name]:
-                if endpoint not in found:
+                if endpoint.is_mqtt and endpoint not in found:
                     found.append(endpoint)
         return found
 
@@ -284,10 +295,10 @@ class Conductor:
         with self._lock:
             self._marks.setdefault(at_s, _Mark(at_s))
 
-    def _proxies_of(self, broker: str | None, fleet: str | None) -> list[FaultProxy]:
+    def _proxies_of(self, broker: str | None, fleet: str | None) -> list[ProxyProcess]:
         return [
             proxy
-            for (fleet_name, _), proxy in self.proxies.items()
+            for (fleet_name, _, _), proxy in self.proxies.items()
             if (fleet is None or fleet_name == fleet)
             and (broker is None or self._current_broker[fleet_name] == broker)
         ]
@@ -528,7 +539,8 @@ class Conductor:
     def stats(self) -> dict[str, Any]:
         """What each proxy saw and did, by fleet and endpoint."""
         return {
-            f"{fleet} -> {endpoint}": p.stats() for (fleet, endpoint), p in self.proxies.items()
+            f"{fleet} -> {endpoint}" + (f" #{number + 1}" if number else ""): p.stats()
+            for (fleet, endpoint, number), p in self.proxies.items()
         }
 
     def command_summary(self) -> dict[str, Any] | None:

@@ -46,12 +46,13 @@ def plan_scenario(
     *,
     scale: float = 1.0,
     brokers: tuple[BrokerEndpoint, ...] | None = None,
-    routes: Mapping[str, Mapping[BrokerEndpoint, BrokerEndpoint]] | None = None,
+    routes: Mapping[str, Mapping[BrokerEndpoint, tuple[BrokerEndpoint, ...]]] | None = None,
 ) -> ScenarioPlan:
     """The fleets and settings of ``scenario``, with every fleet's devices and every
     duration multiplied by ``scale`` (at least one device a fleet); ``brokers`` replaces
     every fleet's broker (to point an example at your own); ``routes`` sends each fleet
-    (by name) to other endpoints than its broker's (the fault proxies), not the probe."""
+    (by name) to other endpoints than its broker's (the fault proxies: one or more for
+    each of its broker's endpoints, which its devices spread over), not the probe."""
     if not scale > 0:
         raise ValueError(f"scale must be above 0, not {scale}")
     total = scenario.devices
@@ -61,13 +62,16 @@ def plan_scenario(
         endpoints = brokers or fleet.brokers
         route = (routes or {}).get(fleet.name, {})
         overrides: dict[str, Any] = {
-            "brokers": tuple(route.get(e, e) for e in endpoints),
+            "brokers": tuple(r for e in endpoints for r in route.get(e, (e,))),
             "username": fleet.username,
             "password": fleet.password,
             "qos": fleet.qos,
             "source_addresses": default_source_addresses(endpoints, devices),
             "credentials_file": None if fleet.credentials is None else str(fleet.credentials),
             "fleet": fleet.name,
+            "adapter_options": dict(fleet.adapter),
+            "adapter_timeout_s": fleet.adapter_timeout_s,
+            "adapter_retries": fleet.adapter_retries,
         }
         if scenario.stages:
             # Each fleet follows the stages in proportion to its share of the devices.
