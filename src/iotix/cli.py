@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
+import yaml
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
@@ -25,7 +26,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from iotix import __version__
+from iotix.adapters.base import AdapterSettings
 from iotix.adapters.mqtt import MQTTConnectError
+from iotix.adapters.registry import adapter_for
 from iotix.adapters.tls import TLSContextCache, TLSSettings
 from iotix.engine.fleet import (
     FleetControl,
@@ -54,7 +57,7 @@ from iotix.protocols.mqtt.packets import ProtocolVersion
 from iotix.scenario import RunReport
 from iotix.scenario.chaos import dump_manifests, export_chaos, parse_selector
 from iotix.scenario.conductor import Conductor
-from iotix.scenario.loader import LoadedScenario, load_scenario
+from iotix.scenario.loader import LoadedScenario, load_scenario, with_brokers
 from iotix.scenario.reports import append_github_summary, json_report, write_reports
 from iotix.scenario.runner import ScenarioPlan, plan_scenario, report_scenario
 from iotix.schema import model_schema, scenario_schema
@@ -615,8 +618,23 @@ def run(
         Path,
         typer.Option(help="Scenario only: where the reports go (JUnit, Markdown, CSV, JSON)."),
     ] = Path("iotix-report"),
+    broker_for: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Scenario only: NAME=URL puts the scenario's broker NAME at URL; repeat "
+            "for more (--broker replaces them all)."
+        ),
+    ] = None,
+    adapter_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE for an http://, coap://, kafka:// or plugin adapter (method=PUT, "
+            "timeout=2, headers={...}); repeat for more. See docs/adapters.md."
+        ),
+    ] = None,
 ) -> None:
-    """Run a fleet of MODEL devices against MQTT brokers, with a live view.
+    """Run a fleet of MODEL devices against MQTT brokers (or HTTP, CoAP and Kafka
+    endpoints), with a live view.
 
     Exit codes: 0 the run completed, 2 bad input, 3 the run failed (no device could
     connect, or a worker died).
@@ -629,6 +647,7 @@ def run(
         _run_scenario(
             model,
             broker=broker,
+            broker_for=broker_for or [],
             scale=scale,
             report_dir=report_dir,
             results=results,
@@ -645,6 +664,9 @@ def run(
         stage_list = parse_stages(stages, fleet_size=devices) if stages else ()
         if duration is None:
             duration = StagePlan(stage_list, devices).duration_s if stage_list else 60.0
+        options, adapter_timeout_s, adapter_retries = _adapter_options(
+            adapter_option or [], brokers, probe
+        )
         tls = None
         if tls_ca or tls_cert or tls_key or tls_insecure or tls_server_name:
             tls = TLSSettings(
@@ -685,6 +707,9 @@ def run(
         source_addresses=sources,
         tls=tls,
         stages=stage_list,
+        adapter_options=options,
+        adapter_timeout_s=adapter_timeout_s,
+        adapter_retries=adapter_retries,
     )
     worker_count = workers or default_workers(devices)
     console = Console(highlight=False, soft_wrap=True)
@@ -717,6 +742,42 @@ def run(
     died = outcome.worker_errors and on_worker_death is OnWorkerDeath.FAIL
     if died or summary["connects"] == 0:
         raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _adapter_options(
+    texts: list[str], brokers: tuple[BrokerEndpoint, ...], probe: float | None
+) -> tuple[dict[str, Any], float, int]:
+    """``--adapter-option`` values (each value read as YAML: numbers, lists, mappings),
+    checked by building the adapter now; and the confirmation timeout and the retries
+    among them."""
+    options: dict[str, Any] = {}
+    for text in texts:
+        key, equals, value = text.partition("=")
+        if not equals or not key.strip():
+            raise RunConfigError(f"--adapter-option takes KEY=VALUE, not {text!r}")
+        try:
+            options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise RunConfigError(f"--adapter-option {key.strip()}: {exc}") from None
+    timeout = options.pop("timeout", 10.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise RunConfigError(f"--adapter-option timeout is a number of seconds, not {timeout!r}")
+    timeout_s = float(timeout)
+    retries = options.pop("retries", 0)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise RunConfigError(f"--adapter-option retries is a whole number, not {retries!r}")
+    endpoint = brokers[0]
+    if endpoint.is_mqtt:
+        if options or texts:
+            raise RunConfigError("--adapter-option is for http://, coap://, kafka:// endpoints")
+        return options, timeout_s, retries
+    if probe is not None:
+        raise RunConfigError(
+            f"the probe subscribes over MQTT: it cannot follow {endpoint.scheme}:// devices "
+            "(a Kafka fleet can be checked by a scenario's Kafka probe; see docs/kafka.md)"
+        )
+    adapter_for(endpoint.scheme)(endpoint, AdapterSettings(timeout_s=timeout_s, options=options))
+    return options, timeout_s, retries
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - handler API
@@ -800,20 +861,18 @@ def _show_checks(console: Console, report: RunReport) -> None:
         console.print("  (none defined)")
 
 
-def _run_scenario(
-    path: Path,
-    *,
-    broker: str | None,
-    scale: float,
-    report_dir: Path,
-    results: Path | None,
-    workers: int | None,
-    on_worker_death: OnWorkerDeath,
-) -> None:
-    """``iotix run SCENARIO``: the run, its checks, its reports, and the exit code."""
+def _load_scenario_for_run(
+    path: Path, broker: str | None, broker_for: list[str], scale: float
+) -> tuple[LoadedScenario, tuple[BrokerEndpoint, ...] | None, ScenarioPlan]:
+    """The scenario, its broker overrides and its plan; exit 2 on any problem."""
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
         scenario = load_scenario(path)
+        if broker_for:
+            named = dict(item.partition("=")[::2] for item in broker_for)
+            if "" in named.values():
+                raise RunConfigError("--broker-for takes NAME=URL")
+            scenario = with_brokers(scenario, named)
         override = parse_brokers(broker) if broker else None
         plan = plan_scenario(scenario, scale=scale, brokers=override)
     except ModelError as exc:
@@ -822,6 +881,22 @@ def _run_scenario(
     except IotixError as exc:
         err.print(f"[bold red]error[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_INVALID) from None
+    return scenario, override, plan
+
+
+def _run_scenario(
+    path: Path,
+    *,
+    broker: str | None,
+    broker_for: list[str],
+    scale: float,
+    report_dir: Path,
+    results: Path | None,
+    workers: int | None,
+    on_worker_death: OnWorkerDeath,
+) -> None:
+    """``iotix run SCENARIO``: the run, its checks, its reports, and the exit code."""
+    scenario, override, plan = _load_scenario_for_run(path, broker, broker_for, scale)
     worker_count = workers or default_workers(plan.devices)
     console = Console(highlight=False, soft_wrap=True)
     console.print(

@@ -430,3 +430,42 @@ def test_every_device_reaching_a_state_is_a_check(
     assert "unknown state of fleet 'lights' 'of'" in done.stderr
     assert "did you mean 'off'" in done.stderr
     assert "unknown fleet 'lamps'" in done.stderr
+
+
+def test_datagram_faults_reach_a_coap_fleet_through_a_udp_proxy(
+    run_cli: RunCLI, tmp_path: Path
+) -> None:
+    from iotix.testing.coap import LibCoAPServer  # noqa: PLC0415 - CoAP tests only
+
+    with LibCoAPServer() as server:
+        scenario = _scenario(
+            tmp_path,
+            brokers={"coap": server.url},
+            fleets=[
+                {
+                    "name": "sensors",
+                    "model": str(tmp_path / "pulse.json"),
+                    "devices": 4,
+                    "qos": 1,  # confirmable: lost datagrams are sent again
+                    "adapter": {"ack_timeout_s": 0.2, "max_retransmit": 6},
+                }
+            ],
+            duration="4s",
+            faults=[
+                {"name": "lossy", "kind": "loss", "at": "1s", "duration": "2s", "probability": 0.5}
+            ],
+            checks=[
+                "messages_acked > 0",
+                {"name": "resent while lossy", "check": "errors >= 1", "during": "lossy"},
+            ],
+        )
+        data = yaml.safe_load(scenario.read_text(encoding="utf-8"))
+        data.pop("probe")  # the probe is MQTT's
+        scenario.write_text(yaml.safe_dump(data), encoding="utf-8")
+        done = run_cli("run", str(scenario), "--report-dir", str(tmp_path / "r"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = _report(tmp_path / "r")
+    assert report["summary"]["errors_by_kind"].get("retransmissions", 0) >= 1
+    [proxy] = report["metadata"]["fault_proxies"].values()
+    [fault] = proxy["faults"]
+    assert fault["kind"] == "Loss"

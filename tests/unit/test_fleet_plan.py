@@ -63,7 +63,7 @@ def test_websocket_urls_parse_with_their_path_defaulting_to_mqtt() -> None:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ("http://x:1", "unsupported broker scheme"),
+        ("gopher://x:1", "unsupported broker scheme"),
         ("mqtt://x:port", "bad port"),
         ("mqtt://", "no broker"),
         ("mqtt://x:1883/path", "needs ws:// or wss://"),

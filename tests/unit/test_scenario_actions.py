@@ -443,3 +443,80 @@ def test_the_batch_remembers_every_state_a_device_has_been_in() -> None:
     now, reached = batch.state_counts()
     assert reached["plugged"] > now["plugged"] or reached["idle"] > now["idle"]
     assert all(reached[state] >= now[state] for state in now)
+
+
+@pytest.mark.parametrize(
+    ("broker", "fault", "words"),
+    [
+        ("coap://127.0.0.1:5683", {"kind": "reset", "at": "1s"}, "about connections"),
+        (
+            "coap://127.0.0.1:5683",
+            {"kind": "bandwidth", "at": "1s", "duration": "1s", "bytes_per_s": 10},
+            "about connections",
+        ),
+        (
+            "mqtt://127.0.0.1:1883",
+            {"kind": "loss", "at": "1s", "duration": "1s", "probability": 0.1},
+            "a fault for datagrams",
+        ),
+        (
+            "kafka://127.0.0.1:9092",
+            {"kind": "latency", "at": "1s", "duration": "1s", "delay": "1ms"},
+            "cannot reach a Kafka fleet",
+        ),
+    ],
+)
+def test_a_fault_must_suit_the_transport_of_the_fleets_it_reaches(
+    tmp_path: Path, broker: str, fault: dict[str, Any], words: str
+) -> None:
+    fleets = [{"name": "thermo", "model": str(THERMOSTAT), "devices": 2}]
+    issue = _only(tmp_path, brokers={"main": broker}, fleets=fleets, faults=[fault])
+    assert issue.dotted_path.startswith("faults[0]"), issue
+    assert words in str(issue), issue
+
+
+def test_datagram_faults_load_for_a_coap_fleet(tmp_path: Path) -> None:
+    fleets = [{"name": "thermo", "model": str(THERMOSTAT), "devices": 2}]
+    faults = [
+        {"kind": "loss", "at": "1s", "duration": "1s", "probability": "0.2"},
+        {"kind": "reorder", "at": "1s", "duration": "1s", "probability": 0.1, "delay": "50ms"},
+        {"kind": "duplicate", "at": "2s", "duration": "1s", "probability": 0.3},
+        {"kind": "partition", "at": "3s", "duration": "1s"},
+    ]
+    loaded = _load(
+        tmp_path, brokers={"main": "coap://127.0.0.1:5683"}, fleets=fleets, faults=faults
+    )
+    assert [f.kind for f in loaded.faults] == ["loss", "reorder", "duplicate", "partition"]
+
+
+def test_a_coap_fleet_cannot_fail_over(tmp_path: Path) -> None:
+    fleets = [{"name": "thermo", "model": str(THERMOSTAT), "devices": 2, "broker": "main"}]
+    issue = _only(
+        tmp_path,
+        brokers={"main": "coap://127.0.0.1:5683", "spare": "coap://127.0.0.1:5684"},
+        fleets=fleets,
+        actions=[{"kind": "failover", "at": "1s", "broker": "main", "to": "spare"}],
+    )
+    assert issue.dotted_path == "actions[0].kind"
+    assert "about connections" in str(issue)
+
+
+def test_adapter_options_are_checked_when_the_scenario_loads(tmp_path: Path) -> None:
+    fleets = [
+        {
+            "name": "thermo",
+            "model": str(THERMOSTAT),
+            "devices": 2,
+            "adapter": {"method": "GET", "timeout": -1},
+        }
+    ]
+    with pytest.raises(ScenarioError) as info:
+        _load(tmp_path, brokers={"main": "http://127.0.0.1:8080"}, fleets=fleets)
+    text = str(info.value)
+    assert "fleets[0].adapter.timeout: a timeout is a number of seconds, not -1" in text
+    assert "HTTP method 'GET'" in text
+    mqtt = [
+        {"name": "thermo", "model": str(THERMOSTAT), "devices": 2, "adapter": {"method": "PUT"}}
+    ]
+    issue = _only(tmp_path, brokers={"main": "mqtt://127.0.0.1:1883"}, fleets=mqtt)
+    assert "this fleet's broker is MQTT" in str(issue)

@@ -353,9 +353,9 @@ def test_invalid_model_issues_appear_under_the_fleet(tmp_path: Path) -> None:
 
 
 def test_bad_broker_url(tmp_path: Path) -> None:
-    issue = _only(tmp_path, brokers={"main": "http://127.0.0.1:1883"})
+    issue = _only(tmp_path, brokers={"main": "gopher://127.0.0.1:1883"})
     assert issue.dotted_path == "brokers.main"
-    assert "unsupported broker scheme 'http'" in issue.problem
+    assert "unsupported broker scheme 'gopher'" in issue.problem
 
 
 def test_bad_broker_port(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import uvloop
 
 from iotix.adapters.tls import TLSContextCache, TLSSettings
 from iotix.clock import WallClock
+from iotix.engine.message_worker import MessageWorker
 from iotix.engine.probe import Probe
 from iotix.engine.worker import BrokerEndpoint, DeviceAction, RunSettings, Worker
 from iotix.errors import IotixError
@@ -221,7 +222,10 @@ def _worker_main(job: _Job, snapshots: Connection, control: Connection) -> None:
         stop_event = asyncio.Event()
         loop = asyncio.get_running_loop()
         done = threading.Event()
-        worker = Worker(
+        # MQTT has the engine's batched path; every other protocol goes through its
+        # adapter, a message at a time.
+        worker_class = Worker if job.settings.brokers[0].is_mqtt else MessageWorker
+        worker = worker_class(
             model,
             job.shard,
             job.settings,

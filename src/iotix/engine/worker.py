@@ -25,7 +25,7 @@ import string
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -34,6 +34,7 @@ import numpy as np
 import orjson
 
 from iotix.adapters.mqtt import MQTTConnectError, MQTTConnection, open_connection
+from iotix.adapters.registry import DEFAULT_PORTS, MQTT_SCHEMES, known_schemes
 from iotix.adapters.tls import TLSConfigError, TLSContextCache, TLSSettings
 from iotix.engine.credentials import Credentials, read_credentials
 from iotix.engine.stages import Stage, StagePlan
@@ -52,7 +53,7 @@ from iotix.protocols.mqtt.session import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     import numpy.typing as npt
 
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 DEFAULT_WEBSOCKET_PATH = "/mqtt"
 
 
@@ -73,13 +73,27 @@ class RunConfigError(IotixError):
 
 @dataclass(frozen=True)
 class BrokerEndpoint:
+    """Where devices connect: an MQTT broker (``mqtt``, ``mqtts``, ``ws``, ``wss``), or
+    the endpoint of another protocol's adapter (``http``, ``coap``, ``kafka``, a
+    plugin's scheme), with its ``path`` (an HTTP base path, say)."""
+
     host: str
     port: int
     tls: bool = False
     websocket_path: str | None = None
     """MQTT over WebSockets at this path (``ws://``, ``wss://``); None: plain TCP."""
+    scheme: str = "mqtt"
+    """The URL scheme; MQTT endpoints say ``mqtt`` whatever their transport."""
+    path: str = ""
+    """The path of a non-MQTT endpoint's URL (``/ingest`` of ``http://h:80/ingest``)."""
+
+    @property
+    def is_mqtt(self) -> bool:
+        return self.scheme == "mqtt"
 
     def __str__(self) -> str:
+        if not self.is_mqtt:
+            return f"{self.scheme}://{self.host}:{self.port}{self.path}"
         if self.websocket_path is not None:
             scheme = "wss" if self.tls else "ws"
             return f"{scheme}://{self.host}:{self.port}{self.websocket_path}"
@@ -89,40 +103,58 @@ class BrokerEndpoint:
 def parse_brokers(text: str) -> tuple[BrokerEndpoint, ...]:
     """``mqtt://host:port[,host:port...]`` into endpoints: ``mqtts://`` for TLS,
     ``ws://host:port/path`` and ``wss://`` for MQTT over WebSockets (path ``/mqtt`` by
-    default)."""
+    default); ``http(s)://``, ``coap://``, ``kafka://`` or a plugin's scheme for the
+    other protocols' adapters (see :mod:`iotix.adapters.registry`)."""
     scheme = "mqtt"
     if "://" in text:
         scheme, _, text = text.partition("://")
-    if scheme not in DEFAULT_PORTS:
+    if scheme not in MQTT_SCHEMES and scheme not in known_schemes():
         raise RunConfigError(
-            f"unsupported broker scheme {scheme!r}; use mqtt://, mqtts://, ws:// or wss://"
+            f"unsupported broker scheme {scheme!r}; use one of "
+            + ", ".join(f"{known}://" for known in known_schemes())
         )
+    mqtt = scheme in MQTT_SCHEMES
     websocket = scheme in ("ws", "wss")
     endpoints = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         parsed = urlsplit(f"//{part}")
         try:
-            port = parsed.port or DEFAULT_PORTS[scheme]
+            port = parsed.port or DEFAULT_PORTS.get(scheme)
         except ValueError as exc:
             raise RunConfigError(f"bad port in broker address {part!r}") from exc
+        if port is None:
+            raise RunConfigError(f"{scheme}:// has no default port: write {scheme}://host:port")
         if not parsed.hostname:
             raise RunConfigError(f"no host in broker address {part!r}")
         if parsed.query or parsed.fragment:
             raise RunConfigError(f"a broker address has no query or fragment: {part!r}")
-        if parsed.path and not websocket:
+        if parsed.path and mqtt and not websocket:
             raise RunConfigError(
                 f"a path in broker address {part!r} needs ws:// or wss:// (MQTT over WebSockets)"
             )
-        endpoints.append(
-            BrokerEndpoint(
-                parsed.hostname,
-                port,
-                tls=scheme in ("mqtts", "wss"),
-                websocket_path=(parsed.path or DEFAULT_WEBSOCKET_PATH) if websocket else None,
+        if mqtt:
+            endpoints.append(
+                BrokerEndpoint(
+                    parsed.hostname,
+                    port,
+                    tls=scheme in ("mqtts", "wss"),
+                    websocket_path=(parsed.path or DEFAULT_WEBSOCKET_PATH) if websocket else None,
+                )
             )
-        )
+        else:
+            endpoints.append(
+                BrokerEndpoint(
+                    parsed.hostname,
+                    port,
+                    tls=scheme.endswith("s") and scheme in ("https", "coaps"),
+                    scheme=scheme,
+                    path=parsed.path.rstrip("/"),
+                )
+            )
     if not endpoints:
         raise RunConfigError("no broker address given")
+    if len({e.scheme for e in endpoints}) > 1:  # pragma: no cover - one scheme per text
+        raise RunConfigError("one broker address has one scheme")
     return tuple(endpoints)
 
 
@@ -188,6 +220,12 @@ class RunSettings:
     every device, from the start."""
     fleet: str | None = None
     """The fleet's name, which state counts go by (default: the model's name)."""
+    adapter_options: Mapping[str, Any] = field(default_factory=dict)
+    """A non-MQTT adapter's own settings (HTTP method and headers, CoAP confirmable...)."""
+    adapter_timeout_s: float = 10.0
+    """How long a non-MQTT adapter waits for a confirmation (an HTTP response...)."""
+    adapter_retries: int = 0
+    """How many times a non-MQTT message that was not confirmed is sent again."""
     credentials_file: str | None = None
     """A CSV file of per-device user names and passwords (see
     :mod:`iotix.engine.credentials`); they replace ``username`` and ``password``."""

@@ -1,9 +1,10 @@
 """A :class:`~iotix.faults.FaultProxy` in a process of its own.
 
-A proxied connection costs the proxy two open files (the device's side and the
-broker's), and a process here may hold 20,000: one proxy process carries at most
-about 9,900 connections. A scenario's fleets of more devices go through several proxy
-processes (:data:`CONNECTIONS_PER_PROXY` each), spread like broker endpoints.
+A proxied connection (or a UDP client's session) costs the proxy two open files (the
+device's side and the broker's), and a process here may hold 20,000: one proxy process
+carries at most about 9,900 connections. A scenario's fleets of more devices go through
+several proxy processes (:data:`CONNECTIONS_PER_PROXY` each), spread like broker
+endpoints.
 
 :class:`ProxyProcess` offers what the scenario's conductor uses of a proxy (``port``,
 ``apply``, ``retarget``, ``stats``, ``stop``) over a pipe. The process stops its proxy,
@@ -22,6 +23,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from iotix.faults.proxy import FaultProxy
+from iotix.faults.udp import UDPFaultProxy
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -44,14 +46,22 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _proxy_main(host: str, port: int, seed: int, control: Connection) -> None:
+def _proxy_main(
+    host: str,
+    port: int,
+    seed: int,
+    udp: bool,  # noqa: FBT001 - a process's arguments are positional
+    control: Connection,
+) -> None:
     """The proxy process: serve until told to stop or until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     _raise_open_file_limit()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        proxy = FaultProxy(host, port, seed=seed)
+        proxy: FaultProxy | UDPFaultProxy = (
+            UDPFaultProxy(host, port, seed=seed) if udp else FaultProxy(host, port, seed=seed)
+        )
         await proxy.start()
         control.send(("ready", proxy.port))
         done = loop.create_future()
@@ -61,7 +71,10 @@ def _proxy_main(host: str, port: int, seed: int, control: Connection) -> None:
             if verb == "apply":
                 proxy.apply(command[1])
             elif verb == "retarget":
-                control.send(("retargeted", proxy.retarget(command[1], command[2])))
+                moved = (
+                    proxy.retarget(command[1], command[2]) if isinstance(proxy, FaultProxy) else 0
+                )
+                control.send(("retargeted", moved))
             elif verb == "stats":
                 control.send(("stats", proxy.stats()))
             elif not done.done():  # "stop"
@@ -87,15 +100,21 @@ def _proxy_main(host: str, port: int, seed: int, control: Connection) -> None:
 
 
 class ProxyProcess:
-    """A fault proxy to ``host:port`` in a child process (see the module docstring)."""
+    """A fault proxy to ``host:port`` in a child process (see the module docstring):
+    TCP (:class:`~iotix.faults.FaultProxy`), or with ``udp`` datagrams
+    (:class:`~iotix.faults.udp.UDPFaultProxy`, which cannot fail over)."""
 
-    def __init__(self, host: str, port: int, *, seed: int = 0) -> None:
+    def __init__(self, host: str, port: int, *, seed: int = 0, udp: bool = False) -> None:
         context = multiprocessing.get_context("spawn")
         self._control, child = context.Pipe()
         self._process = context.Process(
-            target=_proxy_main, args=(host, port, seed, child), name="iotix-proxy", daemon=True
+            target=_proxy_main,
+            args=(host, port, seed, udp, child),
+            name="iotix-proxy",
+            daemon=True,
         )
         self._child = child
+        self.udp = udp
         self._lock = threading.Lock()
         self._final: dict[str, Any] | None = None
         self.port = 0

@@ -46,6 +46,7 @@ from iotix.faults import (
     TargetDown,
 )
 from iotix.faults.process import CONNECTIONS_PER_PROXY, ProxyProcess
+from iotix.faults.udp import Duplicate, Loss, Reorder
 from iotix.metrics import Histogram, Snapshot
 from iotix.scenario import CheckResult
 from iotix.scenario.checks import Check, evaluate, parse_check, run_metrics
@@ -71,8 +72,14 @@ START_TIMEOUT_S = 15.0
 __all__ = ["Conductor", "fault_label", "proxy_fault"]
 
 
-def proxy_fault(entry: FaultEntry, scale: float = 1.0) -> FaultSpec:
-    """The proxy's fault for a scenario entry (durations multiplied by ``scale``)."""
+UDP_SCHEMES = frozenset({"coap", "coaps"})
+"""Broker schemes whose fleets send datagrams: their faults go through a UDP proxy."""
+
+
+def proxy_fault(entry: FaultEntry, scale: float = 1.0, *, udp: bool = False) -> FaultSpec:
+    """The proxy's fault for a scenario entry (durations multiplied by ``scale``); for a
+    UDP proxy, a partition or a target down is a blackhole (datagrams have no
+    connections to refuse)."""
     duration = None if entry.duration_s is None else entry.duration_s * scale
     common: dict[str, Any] = {"duration_s": duration, "share": entry.share}
     match entry.kind:
@@ -86,10 +93,16 @@ def proxy_fault(entry: FaultEntry, scale: float = 1.0) -> FaultSpec:
             return Reset(**common)
         case "slow_close":
             return SlowClose(delay_s=entry.delay_s, **common)
+        case "loss":
+            return Loss(probability=entry.probability, **common)
+        case "duplicate":
+            return Duplicate(probability=entry.probability, **common)
+        case "reorder":
+            return Reorder(probability=entry.probability, delay_s=entry.delay_s, **common)
         case "partition":
-            return Partition(**common)
+            return Blackhole(**common) if udp else Partition(**common)
         case _:
-            return TargetDown(**common)
+            return Blackhole(**common) if udp else TargetDown(**common)
 
 
 def fault_label(entry: FaultEntry | ActionEntry, name: str | None = None) -> str:
@@ -232,7 +245,10 @@ class Conductor:
             for endpoint in endpoints:
                 for number in range(max(1, math.ceil(per_endpoint / CONNECTIONS_PER_PROXY))):
                     self.proxies[(fleet.name, endpoint, number)] = ProxyProcess(
-                        endpoint.host, endpoint.port, seed=self.scenario.seed
+                        endpoint.host,
+                        endpoint.port,
+                        seed=self.scenario.seed,
+                        udp=endpoint.scheme in UDP_SCHEMES,
                     )
         for proxy in self.proxies.values():
             proxy.launch()
@@ -305,9 +321,8 @@ class Conductor:
 
     def _apply_fault(self, i: int) -> None:
         entry = self.scenario.faults[i]
-        spec = proxy_fault(entry, self.scale)
         for proxy in self._proxies_of(entry.broker, entry.fleet):
-            proxy.apply(spec)
+            proxy.apply(proxy_fault(entry, self.scale, udp=proxy.udp))
         name = self.scenario.fault_names[i]
         self._happen(name, entry, f"fault {fault_label(entry)}")
 
@@ -316,9 +331,9 @@ class Conductor:
         name = self.scenario.action_names[i]
         label = fault_label(action)
         if isinstance(action, RestartBrokerActionSpec):
-            down = TargetDown(duration_s=action.down_for_s * self.scale)
             for proxy in self._proxies_of(action.broker, action.fleet):
-                proxy.apply(down)
+                down = Blackhole if proxy.udp else TargetDown
+                proxy.apply(down(duration_s=action.down_for_s * self.scale))
             self._happen(name, action, f"{label}: down for {action.down_for_s * self.scale:g} s")
         elif isinstance(action, FailoverActionSpec):
             targets = self.brokers[action.to]

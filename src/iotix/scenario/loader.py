@@ -11,6 +11,7 @@ line, the field path (``fleets[1].broker``) and, where one helps, a hint.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
+from iotix.adapters.base import AdapterSettings
+from iotix.adapters.registry import adapter_for
 from iotix.engine.credentials import CREDENTIALS_HINT, CredentialsError, read_credentials
 from iotix.engine.stages import Stage, StagesError, StageSpec, parse_stage_specs
 from iotix.engine.worker import BrokerEndpoint, RunConfigError, parse_brokers
-from iotix.errors import ModelError, ModelIssue
+from iotix.errors import IotixError, ModelError, ModelIssue
 from iotix.model.loader import LoadedModel, load_model, read_document
 from iotix.model.spec import SETTABLE_KINDS
 from iotix.scenario.checks import (
@@ -33,7 +36,10 @@ from iotix.scenario.checks import (
     CheckError,
     parse_check,
 )
+from iotix.scenario.conductor import UDP_SCHEMES
 from iotix.scenario.spec import (
+    TCP_ONLY_FAULTS,
+    UDP_ONLY_FAULTS,
     CheckSpec,
     CommandActionSpec,
     FailoverActionSpec,
@@ -45,7 +51,7 @@ from iotix.scenario.spec import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from pydantic import BaseModel
 
@@ -58,6 +64,7 @@ __all__ = [
     "ScenarioError",
     "load_scenario",
     "load_scenario_data",
+    "with_brokers",
 ]
 
 PathKey = tuple[str | int, ...]
@@ -97,6 +104,10 @@ class LoadedFleet:
     qos: int | None = None
     credentials: Path | None = None
     """A CSV file of per-device credentials (checked: it reads, its header is right)."""
+    adapter: dict[str, Any] = field(default_factory=dict)
+    """Options for a non-MQTT fleet's adapter (checked by building the adapter)."""
+    adapter_timeout_s: float = 10.0
+    adapter_retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -266,6 +277,7 @@ class _Checker:
             credentials = self._credentials(i, fleet, base_dir)
             if broker is None or model is None or broker not in endpoints:
                 continue
+            timeout_s, retries = self._adapter(i, fleet, endpoints[broker])
             loaded.append(
                 LoadedFleet(
                     name=fleet.name,
@@ -278,9 +290,44 @@ class _Checker:
                     password=fleet.password,
                     qos=fleet.qos,
                     credentials=credentials,
+                    adapter=dict(fleet.adapter),
+                    adapter_timeout_s=timeout_s,
+                    adapter_retries=retries,
                 )
             )
         return loaded
+
+    def _adapter(
+        self, i: int, fleet: FleetSpec, endpoints: tuple[BrokerEndpoint, ...]
+    ) -> tuple[float, int]:
+        """A non-MQTT fleet's adapter options work (the adapter is built with them);
+        returns its confirmation timeout and retries."""
+        path: PathKey = ("fleets", i, "adapter")
+        options = dict(fleet.adapter)
+        timeout = options.pop("timeout", 10.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            self.add((*path, "timeout"), f"a timeout is a number of seconds, not {timeout!r}")
+            timeout = 10.0
+        retries = options.pop("retries", 0)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            self.add((*path, "retries"), f"retries is a whole number, not {retries!r}")
+            retries = 0
+        endpoint = endpoints[0]
+        if endpoint.is_mqtt:
+            if options:
+                self.add(
+                    path,
+                    "adapter options are for http://, coap://, kafka:// and plugin brokers; "
+                    "this fleet's broker is MQTT",
+                )
+            return float(timeout), retries
+        try:
+            adapter_for(endpoint.scheme)(
+                endpoint, AdapterSettings(timeout_s=float(timeout), options=options)
+            )
+        except IotixError as exc:
+            self.add(path, str(exc))
+        return float(timeout), retries
 
     def _credentials(self, i: int, fleet: FleetSpec, base_dir: Path) -> Path | None:
         if fleet.credentials is None:
@@ -336,6 +383,53 @@ class _Checker:
                         f"{earlier.at_s + (earlier.duration_s or 0):g} s",
                         "merge them into one, or move one so that they follow each other",
                     )
+
+    def transports(self, fleets: Sequence[LoadedFleet]) -> None:
+        """A fault suits the transport of every fleet it reaches: datagram faults for
+        UDP (CoAP) fleets, connection faults for TCP ones; Kafka fleets take none (the
+        client connects to the brokers the cluster advertises, past a proxy), and UDP
+        fleets cannot fail over."""
+        for section, entries in (("faults", self.spec.faults), ("actions", self.spec.actions)):
+            for i, entry in enumerate(entries):
+                if section == "actions" and not isinstance(
+                    entry, RestartBrokerActionSpec | FailoverActionSpec
+                ):
+                    continue
+                broker = getattr(entry, "broker", None)
+                reached = [
+                    f
+                    for f in fleets
+                    if (entry.fleet is None or f.name == entry.fleet)
+                    and (broker is None or f.broker == broker)
+                ]
+                self._transport(section, i, entry, reached)
+
+    def _transport(
+        self, section: str, i: int, entry: FaultEntry | ActionEntry, reached: list[LoadedFleet]
+    ) -> None:
+        schemes = {fleet.brokers[0].scheme for fleet in reached}
+        udp = schemes & UDP_SCHEMES
+        kind = entry.kind
+        if "kafka" in schemes:
+            self.add(
+                (section, i),
+                f"a {kind} cannot reach a Kafka fleet: its client connects to the brokers "
+                "the cluster advertises, past the fault proxy",
+                "give the fault a fleet: or a broker: that is not Kafka",
+            )
+        elif kind in UDP_ONLY_FAULTS and schemes - UDP_SCHEMES:
+            self.add(
+                (section, i, "kind"),
+                f"{kind} is a fault for datagrams: it reaches fleets that use TCP "
+                f"({', '.join(sorted(schemes - UDP_SCHEMES))})",
+                "give it the fleet: of a coap:// fleet",
+            )
+        elif (kind in TCP_ONLY_FAULTS or kind == "failover") and udp:
+            self.add(
+                (section, i, "kind"),
+                f"{kind} is about connections, and it reaches a UDP fleet ({', '.join(udp)})",
+                "for CoAP fleets use latency, blackhole, partition, loss, duplicate, reorder",
+            )
 
     def actions(self, fleets: Sequence[LoadedFleet], duration_s: float) -> None:
         """An action names known fleets, brokers, commands and fields, and its condition
@@ -675,7 +769,14 @@ def load_scenario_data(
     duration_s = checker.duration_s(stages)
     checks = checker.checks(fleets)
     checker.faults(duration_s)
+    checker.transports(fleets)
     checker.actions(fleets, duration_s)
+    if spec.probe is not None and fleets and not any(f.brokers[0].is_mqtt for f in fleets):
+        checker.add(
+            ("probe",),
+            "the probe subscribes over MQTT, and no fleet of this scenario uses MQTT",
+            "remove probe:, or add an MQTT fleet",
+        )
     fault_names, action_names = checker.timeline()
     check_specs = spec.check_specs()
     checker.windows(check_specs, [*fault_names, *action_names])
@@ -697,6 +798,38 @@ def load_scenario_data(
         action_names=action_names,
         check_specs=check_specs,
     )
+
+
+def with_brokers(scenario: LoadedScenario, urls: Mapping[str, str]) -> LoadedScenario:
+    """``scenario`` with some of its named brokers at other addresses (``iotix run
+    --broker-for NAME=URL``). Raises :class:`ScenarioError` for an unknown name or an
+    address that does not parse."""
+    issues = []
+    parsed: dict[str, tuple[BrokerEndpoint, ...]] = {}
+    for name, url in urls.items():
+        if name not in scenario.spec.brokers:
+            close = difflib.get_close_matches(name, list(scenario.spec.brokers), n=1)
+            issues.append(
+                ModelIssue(
+                    ("brokers", name),
+                    f"--broker-for names {name!r}, which the scenario does not define",
+                    hint=(f"did you mean {close[0]!r}? " if close else "")
+                    + f"brokers defines: {', '.join(scenario.spec.brokers)}",
+                )
+            )
+            continue
+        try:
+            parsed[name] = parse_brokers(url)
+        except RunConfigError as exc:
+            issues.append(ModelIssue(("brokers", name), str(exc), hint=_BROKER_HINT))
+    if issues:
+        raise ScenarioError(issues)
+    spec = scenario.spec.model_copy(update={"brokers": {**scenario.spec.brokers, **urls}})
+    fleets = tuple(
+        dataclasses.replace(fleet, brokers=parsed.get(fleet.broker, fleet.brokers))
+        for fleet in scenario.fleets
+    )
+    return dataclasses.replace(scenario, spec=spec, fleets=fleets)
 
 
 def load_scenario(path: Path | str) -> LoadedScenario:

@@ -123,6 +123,12 @@ class FleetSpec(Spec):
         default=None, description="User name template, e.g. `{device_id}`."
     )
     password: str | None = Field(default=None, description="Password template.")
+    adapter: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options for the fleet's adapter when its broker is http://, coap://, "
+        "kafka:// or a plugin's (method, headers, acks...; `timeout` in seconds): see "
+        "docs/adapters.md.",
+    )
     credentials: str | None = Field(
         default=None,
         min_length=1,
@@ -364,6 +370,35 @@ class TargetDownFaultSpec(_FaultSpec):
     kind: Literal["target_down"]
 
 
+class LossFaultSpec(_FaultSpec):
+    """UDP fleets (CoAP): each datagram, either way, lost with ``probability``."""
+
+    kind: Literal["loss"]
+    probability: float = Field(gt=0, le=1)
+
+
+class DuplicateFaultSpec(_FaultSpec):
+    """UDP fleets: each datagram delivered twice with ``probability``."""
+
+    kind: Literal["duplicate"]
+    probability: float = Field(gt=0, le=1)
+
+
+class ReorderFaultSpec(_FaultSpec):
+    """UDP fleets: each datagram held back ``delay`` with ``probability``, so that later
+    ones overtake it."""
+
+    kind: Literal["reorder"]
+    probability: float = Field(gt=0, le=1)
+    delay_s: Duration = Field(alias="delay")
+
+
+UDP_ONLY_FAULTS = frozenset({"loss", "duplicate", "reorder"})
+"""Fault kinds only a datagram proxy applies."""
+
+TCP_ONLY_FAULTS = frozenset({"bandwidth", "reset", "slow_close"})
+"""Fault kinds about streams and connections, which datagrams do not have."""
+
 FaultEntry = Annotated[
     LatencyFaultSpec
     | BandwidthFaultSpec
@@ -371,7 +406,10 @@ FaultEntry = Annotated[
     | ResetFaultSpec
     | SlowCloseFaultSpec
     | PartitionFaultSpec
-    | TargetDownFaultSpec,
+    | TargetDownFaultSpec
+    | LossFaultSpec
+    | DuplicateFaultSpec
+    | ReorderFaultSpec,
     Field(discriminator="kind"),
 ]
 
@@ -533,7 +571,7 @@ class ScenarioSpec(Spec):
         default_factory=list,
         description="Network faults on a timeline, applied by a proxy between the devices "
         "and their brokers: latency, bandwidth, blackhole, reset, slow_close, partition, "
-        "target_down.",
+        "target_down; for UDP (CoAP) fleets also loss, duplicate, reorder.",
     )
     actions: list[ActionEntry] = Field(
         default_factory=list,
