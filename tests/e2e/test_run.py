@@ -209,9 +209,11 @@ def test_run_reports_refused_devices_by_reason(run_cli: RunCLI, tmp_path: Path) 
 
 
 def test_run_with_a_broker_address_that_does_not_parse_exits_2(run_cli: RunCLI) -> None:
-    done = run_cli("run", THERMOSTAT, "--broker", "http://example:1883")
+    done = run_cli("run", THERMOSTAT, "--broker", "gopher://example:1883")
     assert done.returncode == 2
+    assert "unsupported broker scheme 'gopher'" in done.stderr
     assert "mqtt://" in done.stderr
+    assert "coap://" in done.stderr
 
 
 def test_run_with_tls_options_but_a_plain_broker_exits_2(run_cli: RunCLI) -> None:

@@ -1,7 +1,9 @@
 """MQTT over WebSockets: iotix's client through `create_websocket_connection`, for real.
 
-- Against the embedded amqtt broker's WebSocket listener (Debian's Mosquitto 2.0 has no
-  WebSocket support), cross-checked with paho-mqtt on its own WebSocket transport.
+- Against the embedded amqtt broker's WebSocket listener (Debian's Mosquitto 2.0.11
+  opens its websockets listener on every interface whatever address it is given, which
+  tests bound to 127.0.0.1 must not do; see docs/interop.md), cross-checked with
+  paho-mqtt on its own WebSocket transport.
 - Against servers of the `websockets` library (installed with amqtt): a path check that
   answers 404, and a TLS echo server for ``wss://``, pings, fragments and closes.
 - Against Mosquitto's plain MQTT port and silent or absent servers: a clear error, fast.
