@@ -774,7 +774,8 @@ def _adapter_options(
     if probe is not None:
         raise RunConfigError(
             f"the probe subscribes over MQTT: it cannot follow {endpoint.scheme}:// devices "
-            "(a Kafka fleet can be checked by a scenario's Kafka probe; see docs/kafka.md)"
+            "(for Kafka, iotix.engine.kafka_probe.KafkaProbe checks delivery from Python; "
+            "see docs/kafka.md)"
         )
     adapter_for(endpoint.scheme)(endpoint, AdapterSettings(timeout_s=timeout_s, options=options))
     return options, timeout_s, retries

@@ -219,6 +219,10 @@ class MessageWorker:
     # --- sending --------------------------------------------------------------------
 
     def _confirms(self, message: Message) -> bool:
+        """Whether the engine waits for a confirmation: the model's QoS above 0, or a
+        protocol that always answers (HTTP); never with one that cannot (Kafka acks=0)."""
+        if getattr(self._adapter, "never_confirms", False):
+            return False
         qos = message.qos if self.settings.qos is None else self.settings.qos
         return qos > 0 or bool(getattr(self.adapter_class, "always_confirms", False))
 
@@ -241,6 +245,7 @@ class MessageWorker:
             headers={
                 "iotix-ts-ms": str(round((self.clock.start_epoch_s + now) * 1000)),
                 "iotix-name": message.name,
+                "iotix-seq": str(message.seq),
             },
         )
         queue = self._queues.get(row)
