@@ -98,6 +98,9 @@ class FleetResult:
     interrupted: bool = False
     probe: dict[str, Any] | None = None
     """The probe subscriber's delivery summary (loss, duplicates, e2e latency)."""
+    by_fleet: dict[int, Snapshot] = field(default_factory=dict)
+    """Each fleet's own merged final snapshot, by its number in the run (for figures
+    compared across fleets: one protocol each, say)."""
 
 
 class ProbeThread:
@@ -501,6 +504,12 @@ class _Supervisor:
             return Snapshot(worker=-1, at_s=0.0)
         return Snapshot.merge(list(self.latest.values()))
 
+    def merged_by_fleet(self) -> dict[int, Snapshot]:
+        groups: dict[int, list[Snapshot]] = {}
+        for worker, snapshot in self.latest.items():
+            groups.setdefault(self.jobs[worker].fleet, []).append(snapshot)
+        return {fleet: Snapshot.merge(snapshots) for fleet, snapshots in groups.items()}
+
 
 def _run_workers(
     fleets: Sequence[FleetPlan],
@@ -539,4 +548,9 @@ def _run_workers(
         if control is not None:
             control.attach(None)
         supervisor.close()
-    return FleetResult(supervisor.merged(), supervisor.errors, interrupted)
+    return FleetResult(
+        supervisor.merged(),
+        supervisor.errors,
+        interrupted,
+        by_fleet=supervisor.merged_by_fleet(),
+    )

@@ -331,6 +331,34 @@ def _fenced(text: str) -> str:
     return f"{fence}text\n{text.rstrip()}\n{fence}"
 
 
+def _by_fleet(report: RunReport) -> list[str]:
+    """Each fleet's own figures (one protocol each, say), when there are several."""
+    fleets = report.summary.get("fleets")
+    if not isinstance(fleets, dict) or not fleets:
+        return []
+    lines = [
+        "",
+        "### By fleet",
+        "",
+        _row("Fleet", "Protocol", "Sent", "Acked", "Failed", "Ack p50 (ms)", "Ack p99 (ms)"),
+        _row("---", "---", "---:", "---:", "---:", "---:", "---:"),
+    ]
+    for name, figures in fleets.items():
+        ack = (figures.get("latency_s") or {}).get("ack_latency") or {}
+        lines.append(
+            _row(
+                _md(name),
+                _md(figures.get("protocol")),
+                _human(_finite(figures.get("messages_sent"))),
+                _human(_finite(figures.get("messages_acked"))),
+                _human(_finite(figures.get("messages_failed"))),
+                _human_ms(_ms(ack.get("p50_s"))),
+                _human_ms(_ms(ack.get("p99_s"))),
+            )
+        )
+    return lines
+
+
 def markdown(report: RunReport) -> str:
     """The run for people, and for ``$GITHUB_STEP_SUMMARY``."""
     verdict = "✅ passed" if report.passed else "❌ failed"
@@ -387,6 +415,7 @@ def markdown(report: RunReport) -> str:
             )
             for name, stats in latencies.items()
         )
+    lines += _by_fleet(report)
     if report.events:
         lines += [
             "",

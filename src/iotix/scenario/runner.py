@@ -109,6 +109,15 @@ def report_scenario(
     ``aborted`` the live check that stopped the run, which fails whatever the end
     figures say."""
     summary = summarise(outcome.snapshot)
+    if len(scenario.fleets) > 1:
+        summary["fleets"] = {
+            fleet.name: {
+                "protocol": fleet.brokers[0].scheme,
+                **summarise(outcome.by_fleet[number]),
+            }
+            for number, fleet in enumerate(scenario.fleets)
+            if number in outcome.by_fleet
+        }
     results = evaluate(plan.checks, run_metrics(summary, outcome.probe, commands, plan.devices))
     for i, result in (windowed or {}).items():
         results[i] = result
