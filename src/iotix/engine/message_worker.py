@@ -34,7 +34,7 @@ from iotix.adapters.base import AdapterError, AdapterSettings, DeviceIdentity, O
 from iotix.adapters.registry import adapter_for
 from iotix.engine.credentials import Credentials, read_credentials
 from iotix.engine.stages import StagePlan
-from iotix.engine.worker import DeviceAction, in_share
+from iotix.engine.worker import DeviceAction, in_share, shard_snapshot
 from iotix.errors import IotixError
 from iotix.metrics import Counters, Histogram, Snapshot
 from iotix.model.runtime import CommandStatus, DeviceBatch
@@ -102,6 +102,7 @@ class MessageWorker:
         self.intended_latency = Histogram()
         self.schedule_lag = Histogram()
         self.reconnect_time = Histogram()
+        self.e2e_latency = Histogram()  # measured by a probe, not by the worker
         self.connected = 0
         self._on_snapshot = on_snapshot
         self._random = random.Random(f"{settings.seed}:worker:{worker_id}")  # noqa: S311 - jitter
@@ -200,21 +201,12 @@ class MessageWorker:
                 self._on_snapshot(self.snapshot())
 
     def snapshot(self) -> Snapshot:
-        fleet = self.settings.fleet or self.model.spec.name
-        now, reached = self.batch.state_counts()
-        return Snapshot(
-            worker=self.worker_id,
-            at_s=self.clock.now_s(),
-            devices_connected=self._connected_at_stop if self._stopping else self.connected,
-            counters=self.counters,
-            connect_latency=self.connect_latency,
-            ack_latency=self.ack_latency,
-            schedule_lag=self.schedule_lag,
-            intended_latency=self.intended_latency,
-            reconnect_time=self.reconnect_time,
-            states={f"{fleet}/{state}": count for state, count in now.items()},
-            states_reached={f"{fleet}/{state}": count for state, count in reached.items()},
-        )
+        return shard_snapshot(self)
+
+    @property
+    def connected_at_stop(self) -> int | None:
+        """Devices connected when the run stopped; None while it runs."""
+        return self._connected_at_stop if self._stopping else None
 
     # --- sending --------------------------------------------------------------------
 

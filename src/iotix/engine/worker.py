@@ -27,7 +27,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -371,6 +371,50 @@ def _command_pattern(template: str) -> tuple[str, re.Pattern[str]]:
     return "".join(parts), re.compile("".join(regex) + "$")
 
 
+class Shard(Protocol):
+    """What a snapshot is made of: a worker's figures (the MQTT worker's and the
+    adapters' :class:`~iotix.engine.message_worker.MessageWorker`)."""
+
+    worker_id: int
+    clock: Clock
+    settings: RunSettings
+    model: LoadedModel
+    batch: DeviceBatch
+    connected: int
+    counters: Counters
+    connect_latency: Histogram
+    ack_latency: Histogram
+    e2e_latency: Histogram
+    schedule_lag: Histogram
+    intended_latency: Histogram
+    reconnect_time: Histogram
+
+    @property
+    def connected_at_stop(self) -> int | None: ...
+
+
+def shard_snapshot(shard: Shard) -> Snapshot:
+    """A worker's snapshot. Its final one counts the devices connected when the run
+    stopped (``connected_at_stop``), not after the disconnects that end every run."""
+    fleet = shard.settings.fleet or shard.model.spec.name
+    now, reached = shard.batch.state_counts()
+    at_stop = shard.connected_at_stop
+    return Snapshot(
+        worker=shard.worker_id,
+        at_s=shard.clock.now_s(),
+        devices_connected=shard.connected if at_stop is None else at_stop,
+        counters=shard.counters,
+        connect_latency=shard.connect_latency,
+        ack_latency=shard.ack_latency,
+        e2e_latency=shard.e2e_latency,
+        schedule_lag=shard.schedule_lag,
+        intended_latency=shard.intended_latency,
+        reconnect_time=shard.reconnect_time,
+        states={f"{fleet}/{state}": count for state, count in now.items()},
+        states_reached={f"{fleet}/{state}": count for state, count in reached.items()},
+    )
+
+
 class Worker:
     """One shard: devices ``indices`` of ``model``."""
 
@@ -434,6 +478,11 @@ class Worker:
                 Path(settings.credentials_file), keep=[int(i) for i in self.batch.indices]
             )
 
+    @property
+    def connected_at_stop(self) -> int | None:
+        """Devices connected when the run stopped; None while it runs."""
+        return self._connected_at_stop if self._stopping else None
+
     # --- the run --------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None) -> Snapshot:
@@ -493,24 +542,7 @@ class Worker:
         return snapshot
 
     def snapshot(self) -> Snapshot:
-        fleet = self.settings.fleet or self.model.spec.name
-        now, reached = self.batch.state_counts()
-        return Snapshot(
-            worker=self.worker_id,
-            at_s=self.clock.now_s(),
-            # The final snapshot counts the devices connected when the run stopped, not
-            # after the DISCONNECTs that end every run.
-            devices_connected=self._connected_at_stop if self._stopping else self.connected,
-            counters=self.counters,
-            connect_latency=self.connect_latency,
-            ack_latency=self.ack_latency,
-            e2e_latency=self.e2e_latency,
-            schedule_lag=self.schedule_lag,
-            intended_latency=self.intended_latency,
-            reconnect_time=self.reconnect_time,
-            states={f"{fleet}/{state}": count for state, count in now.items()},
-            states_reached={f"{fleet}/{state}": count for state, count in reached.items()},
-        )
+        return shard_snapshot(self)
 
     def act(self, action: DeviceAction) -> int:
         """Apply a scenario action to this shard's devices in its share; returns how
