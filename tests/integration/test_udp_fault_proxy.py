@@ -457,7 +457,7 @@ def test_cancelling_the_task_running_the_proxy_reverts_faults_and_closes_session
 
 
 def test_under_uvloop_loss_and_latency_apply_and_sessions_close() -> None:
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop  # noqa: PLC0415 - a dependency of iotix on Linux, the loop the workers run
 
     async def scenario() -> tuple[float, dict[str, Any]]:
         loop = asyncio.get_running_loop()

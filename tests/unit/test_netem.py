@@ -76,7 +76,7 @@ def test_without_net_admin_the_probe_stops_before_making_a_namespace(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if shutil.which("tc", path=_SEARCH) is None or shutil.which("ip", path=_SEARCH) is None:
-        pytest.skip("iproute2 is not installed: the probe stops before the rights check")
+        pytest.fail("iproute2 (tc, ip) is missing: run scripts/services", pytrace=False)
     monkeypatch.setattr(netem, "_may_administer_network", lambda: False)
     support = netem_support()
     assert not support.available
