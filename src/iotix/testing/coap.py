@@ -66,6 +66,7 @@ from iotix.protocols.coap import (
     encode,
     path_options,
 )
+from iotix.testing.process import stop_process
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -435,15 +436,7 @@ class LibCoAPServer:
         return "\n".join(self.log_text().splitlines()[-_LOG_TAIL_LINES:])
 
     def _terminate(self) -> None:
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(self._stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(self._process, self._stop_timeout_s, name="coap-server")
 
     def _discard(self) -> None:
         self._terminate()

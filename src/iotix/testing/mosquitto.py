@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 from iotix.errors import IotixError
+from iotix.testing.process import log_tail, read_log_since, stop_process
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -496,21 +497,10 @@ class MosquittoBroker:
                 process.wait(_POLL_INTERVAL_S)
 
     def _log_since(self, offset: int) -> bytes:
-        with self.log_path.open("rb") as log:
-            log.seek(offset)
-            return log.read()
+        return read_log_since(self.log_path, offset)
 
     def _terminate(self) -> None:
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(self._stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            _log.warning("mosquitto pid %d ignored SIGTERM; killing it", process.pid)
-            process.kill()
-            process.wait()
+        stop_process(self._process, self._stop_timeout_s, name="mosquitto")
 
     def _discard(self) -> None:
         self._terminate()
@@ -537,5 +527,4 @@ def _accepts_connections(host: str, port: int) -> bool:
 
 
 def _tail(log: bytes) -> str:
-    lines = log.decode("utf-8", errors="replace").splitlines()
-    return "\n".join(lines[-_LOG_TAIL_LINES:])
+    return log_tail(log, _LOG_TAIL_LINES)

@@ -59,6 +59,7 @@ from iotix.protocols.mqtt.session import (
     MQTTClientSession,
     SessionSettings,
 )
+from iotix.testing.process import log_tail, read_log_since, stop_process
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -408,21 +409,10 @@ class NATSServer:
                 process.wait(_POLL_INTERVAL_S)
 
     def _log_since(self, offset: int) -> bytes:
-        with self.log_path.open("rb") as log:
-            log.seek(offset)
-            return log.read()
+        return read_log_since(self.log_path, offset)
 
     def _terminate(self) -> None:
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(self._stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            _log.warning("nats-server pid %d ignored SIGTERM; killing it", process.pid)
-            process.kill()
-            process.wait()
+        stop_process(self._process, self._stop_timeout_s, name="nats-server")
 
     def _discard(self) -> None:
         self._terminate()
@@ -451,5 +441,4 @@ def _pick_ports(host: str, names: tuple[str, ...]) -> dict[str, int]:
 
 
 def _tail(log: bytes) -> str:
-    lines = log.decode("utf-8", errors="replace").splitlines()
-    return "\n".join(lines[-_LOG_TAIL_LINES:])
+    return log_tail(log, _LOG_TAIL_LINES)

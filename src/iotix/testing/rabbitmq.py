@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Self
 
 from iotix.errors import IotixError
 from iotix.testing.nats import mqtt_connack
+from iotix.testing.process import log_tail, read_log_since
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -496,9 +497,7 @@ class RabbitMQServer:
                 process.wait(_POLL_INTERVAL_S)
 
     def _log_since(self, offset: int) -> bytes:
-        with self.log_path.open("rb") as log:
-            log.seek(offset)
-            return log.read()
+        return read_log_since(self.log_path, offset)
 
     def _terminate(self) -> None:
         """Stop the node gracefully (``rabbitmqctl stop``), by force if that fails."""
@@ -603,5 +602,4 @@ def _accepts_connections(host: str, port: int) -> bool:
 
 
 def _tail(log: bytes) -> str:
-    lines = log.decode("utf-8", errors="replace").splitlines()
-    return "\n".join(lines[-_LOG_TAIL_LINES:])
+    return log_tail(log, _LOG_TAIL_LINES)
