@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import importlib
 import ipaddress
 import random
@@ -308,16 +309,16 @@ class _CoAPLink(asyncio.DatagramProtocol):
         self.state = message.payload
         if self.observers is not None and self.observers.observers:
             self._notify_observers(message.payload)
-        topic, _, query = message.topic.partition("?")
+        path, query = _route(adapter.base_path, message.topic)
         try:
             exchange = self.client.request(
                 adapter.method,
-                [*adapter.base_path, *topic.split("/")],
+                path,
                 message.payload,
                 confirmable=message.confirm,
                 now_s=now,
                 content_format=adapter.content_format,
-                query=[argument for argument in query.split("&") if argument],
+                query=query,
             )
         except CoAPFormatError:
             # A path segment or query argument over 255 bytes (RFC 7252 section 5.10).
@@ -502,6 +503,14 @@ class _CoAPLink(asyncio.DatagramProtocol):
             transport.close()
 
 
+@functools.lru_cache(maxsize=1 << 15)
+def _route(base_path: tuple[str, ...], topic: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A topic's Uri-Path segments under the endpoint's path, and its query arguments
+    (``devices/d1/telemetry?mode=fast``); a device sends to the same few topics."""
+    path, _, query = topic.partition("?")
+    return (*base_path, *path.split("/")), tuple(a for a in query.split("&") if a)
+
+
 def _os_error_kind(exc: OSError) -> str:
     if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
         return "unreachable"
@@ -547,7 +556,7 @@ class CoAPAdapter:
         self.psk_identity = options.get("psk_identity")
         self.psk = options.get("psk")
         self.endpoint = endpoint
-        self.base_path = [segment for segment in endpoint.path.split("/") if segment]
+        self.base_path = tuple(segment for segment in endpoint.path.split("/") if segment)
         self.on_command = settings.on_command
         self.server_address: Address = ()
         self.family = socket.AF_INET

@@ -37,6 +37,7 @@ machinery of caches.
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -423,24 +424,49 @@ def encode(message: CoAPMessage) -> bytes:
     """The datagram of ``message`` (section 3). Raises :class:`CoAPFormatError` for a
     message the format cannot carry (a token over 8 bytes, an Empty message with
     content, an option value over 65,804 bytes)."""
-    token = message.token
+    if message.code == Code.EMPTY and (message.token or message.options or message.payload):
+        raise CoAPFormatError("an Empty message (0.00) has no token, options or payload")
+    return encode_parts(
+        message.type,
+        message.code,
+        message.message_id,
+        token=message.token,
+        options=encode_options(message.options),
+        payload=message.payload,
+    )
+
+
+def encode_parts(
+    message_type: MessageType,
+    code: int,
+    message_id: int,
+    *,
+    token: bytes,
+    options: bytes,
+    payload: bytes,
+) -> bytes:
+    """A datagram from its parts, the options already encoded by
+    :func:`encode_options` (a device sends the same options again and again)."""
     if len(token) > MAX_TOKEN_BYTES:
         raise CoAPFormatError(f"a token is at most 8 bytes, not {len(token)}")
-    if not 0 <= message.message_id <= MAX_MESSAGE_ID:
-        raise CoAPFormatError(f"message id {message.message_id} is not 16 bits")
-    if not 0 <= message.code <= 0xFF:
-        raise CoAPFormatError(f"code {message.code} is not 8 bits")
-    if message.code == Code.EMPTY and (token or message.options or message.payload):
-        raise CoAPFormatError("an Empty message (0.00) has no token, options or payload")
-    parts = [
-        _HEADER.pack(
-            VERSION << 6 | int(message.type) << 4 | len(token), message.code, message.message_id
-        ),
-        token,
-    ]
+    if not 0 <= message_id <= MAX_MESSAGE_ID:
+        raise CoAPFormatError(f"message id {message_id} is not 16 bits")
+    if not 0 <= code <= 0xFF:
+        raise CoAPFormatError(f"code {code} is not 8 bits")
+    header = _HEADER.pack(VERSION << 6 | int(message_type) << 4 | len(token), code, message_id)
+    if payload:
+        # Section 3: the marker only when a payload follows (a zero-length payload after
+        # a marker is a format error).
+        return b"".join((header, token, options, b"\xff", payload))
+    return b"".join((header, token, options))
+
+
+def encode_options(options: Iterable[Option]) -> bytes:
+    """The options part of a datagram: ordered by number, each carrying the delta from
+    the one before (section 3.1)."""
+    parts = []
     previous = 0
-    # Section 3.1: options are ordered by number; each carries the delta from the last.
-    for number, value in sorted(message.options, key=_option_number):
+    for number, value in sorted(options, key=_option_number):
         if not 0 <= number <= 0xFFFF:
             # Section 12.2: option numbers are 0-65535.
             raise CoAPFormatError(f"option number {number} is not 0-65535")
@@ -451,12 +477,20 @@ def encode(message: CoAPMessage) -> bytes:
         parts.append(length_bytes)
         parts.append(value)
         previous = number
-    if message.payload:
-        # Section 3: the marker only when a payload follows (a zero-length payload after
-        # a marker is a format error).
-        parts.append(b"\xff")
-        parts.append(message.payload)
     return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def prepared_options(
+    path: tuple[str, ...], query: tuple[str, ...], content_format: int | None
+) -> tuple[tuple[Option, ...], bytes]:
+    """A request's Uri-Path, Uri-Query and Content-Format options, and their encoding:
+    the same for every message a device sends to a resource, so built once (for up to
+    32,768 resources; a device sends to a few)."""
+    options = [*path_options(path), *query_options(query)]
+    if content_format is not None:
+        options.append((int(OptionNumber.CONTENT_FORMAT), encode_uint(content_format)))
+    return tuple(options), encode_options(options)
 
 
 def _option_number(option: Option) -> int:
@@ -576,6 +610,7 @@ class _Exchange:
     payload: bytes
     token: bytes
     szx: int | None  # the block size exponent of a Block1 transfer; None: one message
+    encoded_options: bytes | None = None  # of a one-message request: sent as they are
     block_number: int = 0
     message_id: int = -1  # of the CON in flight
     datagram: bytes = b""
@@ -707,15 +742,23 @@ class CoAPClient:
         """
         self._exchange_ids += 1
         exchange_id = self._exchange_ids
-        request_options = [*path_options(path), *query_options(query), *options]
-        if content_format is not None:
-            request_options.append((int(OptionNumber.CONTENT_FORMAT), encode_uint(content_format)))
+        prepared, encoded = prepared_options(tuple(path), tuple(query), content_format)
+        extra = tuple(options)
+        request_options = [*prepared, *extra]
+        if extra:
+            encoded = encode_options(request_options)
         blockwise = len(payload) > 1 << (self._szx + 4)
         if not confirmable and not blockwise:
-            message = CoAPMessage(
-                MessageType.NON, code, self.next_message_id(), b"", tuple(request_options), payload
+            self._outgoing.append(
+                encode_parts(
+                    MessageType.NON,
+                    code,
+                    self.next_message_id(),
+                    token=b"",
+                    options=encoded,
+                    payload=payload,
+                )
             )
-            self._outgoing.append(encode(message))
             return exchange_id
         exchange = _Exchange(
             exchange_id,
@@ -724,6 +767,7 @@ class CoAPClient:
             payload,
             self._next_token(),
             self._szx if blockwise else None,
+            encoded_options=None if blockwise else encoded,
         )
         if len(self._exchanges) < self._nstart:
             self._start(exchange, now_s)
@@ -871,15 +915,16 @@ class CoAPClient:
                 options.append((int(OptionNumber.SIZE1), encode_uint(len(payload))))
             payload = payload[offset : offset + size]
         exchange.message_id = self.next_message_id()
-        exchange.datagram = encode(
-            CoAPMessage(
-                MessageType.CON,
-                exchange.code,
-                exchange.message_id,
-                exchange.token,
-                tuple(options),
-                payload,
-            )
+        encoded = exchange.encoded_options
+        exchange.datagram = encode_parts(
+            MessageType.CON,
+            exchange.code,
+            exchange.message_id,
+            token=exchange.token,
+            options=encode_options(options)
+            if encoded is None or exchange.szx is not None
+            else encoded,
+            payload=payload,
         )
         exchange.acknowledged = False
         exchange.attempt_retransmissions = 0
