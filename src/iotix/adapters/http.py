@@ -41,6 +41,7 @@ import time
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import aiohttp
+from yarl import URL
 
 from iotix.adapters.base import AdapterError, Command, Delivery
 
@@ -54,6 +55,9 @@ if TYPE_CHECKING:
 __all__ = ["HTTPAdapter"]
 
 METHODS = ("POST", "PUT")
+URLS_PER_DEVICE = 64
+"""A device's URLs are kept parsed, one per topic, up to this many (a topic template
+with a sequence number in it would otherwise grow without bound)."""
 
 
 class _HTTPLink:
@@ -62,6 +66,7 @@ class _HTTPLink:
     def __init__(self, adapter: HTTPAdapter, headers: Mapping[str, str]) -> None:
         self.adapter = adapter
         self.headers = dict(headers)
+        self.urls: dict[str, URL] = {}
         self.poller: asyncio.Task[None] | None = None
 
     async def poll(self, device_id: str, url: str) -> None:
@@ -92,7 +97,12 @@ class _HTTPLink:
         session = adapter.session
         if session is None:
             return Delivery(sent=False, error="not sent: adapter closed")
-        url = f"{adapter.base_url}/{message.topic.lstrip('/')}"
+        url = self.urls.get(message.topic)
+        if url is None:
+            if len(self.urls) >= URLS_PER_DEVICE:
+                self.urls.clear()
+            url = URL(f"{adapter.base_url}/{message.topic.lstrip('/')}")
+            self.urls[message.topic] = url
         headers = {**self.headers, **message.headers}
         started = time.perf_counter()
         try:

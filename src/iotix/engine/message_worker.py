@@ -84,6 +84,8 @@ class MessageWorker:
         self.worker_id = worker_id
         self.endpoint = settings.brokers[0]
         self.adapter_class = adapter_class or adapter_for(self.endpoint.scheme)
+        self._always_confirms = bool(getattr(self.adapter_class, "always_confirms", False))
+        self._never_confirms = False  # known once the adapter is made (Kafka acks=0)
         self.batch = DeviceBatch(
             model.spec,
             indices=list(indices),
@@ -137,6 +139,7 @@ class MessageWorker:
         )
         async with self.adapter_class(self.endpoint, adapter_settings) as adapter:
             self._adapter = adapter
+            self._never_confirms = bool(getattr(adapter, "never_confirms", False))
             helpers = [
                 asyncio.create_task(self._ramp(), name=f"worker-{self.worker_id}-ramp"),
                 asyncio.create_task(self._report(), name=f"worker-{self.worker_id}-report"),
@@ -213,10 +216,10 @@ class MessageWorker:
     def _confirms(self, message: Message) -> bool:
         """Whether the engine waits for a confirmation: the model's QoS above 0, or a
         protocol that always answers (HTTP); never with one that cannot (Kafka acks=0)."""
-        if getattr(self._adapter, "never_confirms", False):
+        if self._never_confirms:
             return False
         qos = message.qos if self.settings.qos is None else self.settings.qos
-        return qos > 0 or bool(getattr(self.adapter_class, "always_confirms", False))
+        return qos > 0 or self._always_confirms
 
     def _dispatch(self, message: Message, now: float) -> None:
         row = message.device_index - self.first_index
