@@ -14,6 +14,7 @@ import resource
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 
 NOT_AUTHORIZED = 0x87  # MQTT 5 CONNACK reason code; paho maps 3.1.1's code 5 to it too
+LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 _client_numbers = itertools.count()
 
@@ -258,6 +260,7 @@ def test_broker_options_reach_the_configuration(mosquitto_binary: Path) -> None:
         f"listener {broker.port} 127.0.0.1",
         f"listener {broker.websockets_port} 127.0.0.1",
         "protocol websockets",
+        "socket_domain ipv4",
         "max_connections -1",
         "persistence false",
         "set_tcp_nodelay true",
@@ -274,6 +277,42 @@ def test_websockets_listener_speaks_mqtt(mosquitto_binary: Path) -> None:
         with paho_client(broker.host, port, transport="websockets") as client:
             assert client.connack_reason is not None
             assert not client.connack_reason.is_failure
+
+
+def listening_addresses(port: int) -> set[tuple[str, int]]:
+    """Every (address, port) a TCP socket of this machine listens on for ``port``, read
+    from /proc/net/tcp and tcp6 (addresses as 32-bit words in host byte order)."""
+    found = set()
+    for table, family in [("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)]:
+        lines = Path("/proc/net", table).read_text(encoding="ascii").splitlines()[1:]
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, _, port_hex = local.partition(":")
+            if state != LISTEN or int(port_hex, 16) != port:
+                continue
+            words = (int(address[i : i + 8], 16) for i in range(0, len(address), 8))
+            raw = b"".join(struct.pack("=I", word) for word in words)
+            found.add((socket.inet_ntop(family, raw), port))
+    return found
+
+
+def test_every_listener_binds_the_loopback_address_only(mosquitto_binary: Path) -> None:
+    # Mosquitto 2.0.11's libwebsockets binds an IPv4 websockets listener on every
+    # interface (`*:PORT`, IPv4 and IPv6) unless the listener says `socket_domain ipv4`.
+    with MosquittoBroker(binary=mosquitto_binary, websockets=True) as broker:
+        listening = {
+            port: listening_addresses(port) for port in (broker.port, broker.websockets_port)
+        }
+    assert listening == {
+        broker.port: {("127.0.0.1", broker.port)},
+        broker.websockets_port: {("127.0.0.1", broker.websockets_port)},
+    }
+
+
+def test_a_websockets_listener_needs_an_ip_address(mosquitto_binary: Path) -> None:
+    # libwebsockets takes no host name: `listener PORT localhost` would open nothing.
+    with pytest.raises(MosquittoError, match="needs an IP address, not 'localhost'"):
+        MosquittoBroker(binary=mosquitto_binary, websockets=True, host="localhost")
 
 
 # -- TLS ---------------------------------------------------------------------------------

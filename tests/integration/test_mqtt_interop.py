@@ -31,7 +31,12 @@ from unittest import mock
 import pytest
 from broker_helpers import until
 
-from iotix.adapters.mqtt import MQTTConnectError, open_connection
+from iotix.adapters.mqtt import (
+    BROKER_CLOSED,
+    CLOSED_BEFORE_CONNACK,
+    MQTTConnectError,
+    open_connection,
+)
 from iotix.clock import WallClock
 from iotix.engine.probe import Probe
 from iotix.engine.worker import BrokerEndpoint, RunSettings, Worker
@@ -82,11 +87,18 @@ class BrokerFacts:
     v5_refusal: bytes | None
     """What a 5.0 CONNECT gets before the broker closes the connection: a 3.1.1 CONNACK
     with return code 1, or nothing at all (b""); None when the broker accepts 5.0."""
+    v5_connect_failure: str | None
+    """What a worker counts a refused 5.0 CONNECT under (``connect_failures_by_reason``,
+    ``MQTTConnectError.kind``); None when the broker accepts 5.0."""
     granted_for_qos2: int
     """The QoS granted to a subscription asking for QoS 2."""
     qos2_publish_answer: int | None
     """The packet type a QoS 2 PUBLISH is answered with: PUBREC (the QoS 2 flow),
     PUBACK (taken as QoS 1), or None: the broker closes the connection."""
+    qos2_close_reason: str | None
+    """The ``close_reason`` of a connection a QoS 2 PUBLISH ended: a worker counts its
+    unacknowledged messages as ``not acknowledged: <reason>``; None when the broker
+    does QoS 2."""
     delivers_at_subscription_qos: bool
     """True when a message is delivered at the subscription's QoS even if it was
     published at a lower one (MQTT-3.8.4-8 says the lower of the two)."""
@@ -102,8 +114,10 @@ FACTS = {
     "mosquitto": BrokerFacts(
         versions=(V311, V5),
         v5_refusal=None,
+        v5_connect_failure=None,
         granted_for_qos2=2,
         qos2_publish_answer=PUBREC,
+        qos2_close_reason=None,
         delivers_at_subscription_qos=False,
         wildcard_retained_copies=1,
         retained_survives_crash=False,  # the fixture runs it with `persistence false`
@@ -114,8 +128,10 @@ FACTS = {
     "amqtt": BrokerFacts(
         versions=(V311,),
         v5_refusal=REFUSED_3_1_1,
+        v5_connect_failure="unsupported protocol version",
         granted_for_qos2=2,
         qos2_publish_answer=PUBREC,
+        qos2_close_reason=None,
         delivers_at_subscription_qos=True,
         wildcard_retained_copies=2,
         retained_survives_crash=False,  # kept in memory only
@@ -125,8 +141,10 @@ FACTS = {
     "nats": BrokerFacts(
         versions=(V311,),
         v5_refusal=REFUSED_3_1_1,
+        v5_connect_failure="unsupported protocol version",
         granted_for_qos2=1,
         qos2_publish_answer=None,
+        qos2_close_reason=BROKER_CLOSED,
         delivers_at_subscription_qos=False,
         wildcard_retained_copies=1,
         retained_survives_crash=True,  # kept in a JetStream stream, on disk
@@ -138,8 +156,10 @@ FACTS = {
     "rabbitmq": BrokerFacts(
         versions=(V311,),
         v5_refusal=b"",
+        v5_connect_failure=CLOSED_BEFORE_CONNACK,
         granted_for_qos2=1,
         qos2_publish_answer=PUBACK,
+        qos2_close_reason="PUBACK for a QoS 2 message",
         delivers_at_subscription_qos=False,
         wildcard_retained_copies=0,
         # Its retained store (DETS) keeps them over a graceful restart, not a crash.
@@ -381,17 +401,47 @@ def test_a_5_0_connect_gets_the_brokers_answer(broker: Broker) -> None:
 
 
 @pytest.mark.parametrize("broker_name", brokers(lambda facts: V5 not in facts.versions))
-def test_iotix_reports_a_refused_5_0_connect_as_a_connect_error(broker: Broker) -> None:
+def test_iotix_reports_a_refused_5_0_connect_with_the_brokers_reason(broker: Broker) -> None:
     async def scenario() -> None:
         await connect(broker, V5)
 
     with pytest.raises(MQTTConnectError) as caught:
         asyncio.run(scenario())
-    # A 3.1.1 broker's refusal is a 3.1.1 CONNACK, which a 5.0 session cannot parse
-    # (no property length): the reason is lost and the error says the connection
-    # closed. RabbitMQ sends nothing at all.
-    assert caught.value.reason_code is None
-    assert "connection closed" in str(caught.value)
+    error = caught.value
+    assert error.kind == broker.facts.v5_connect_failure
+    if broker.facts.v5_refusal == REFUSED_3_1_1:
+        # A 3.1.1 CONNACK (no property length), read as the 3.1.1 refusal it is.
+        assert error.reason_code == 0x84
+        assert str(error) == "connection refused: unsupported protocol version"
+    else:  # RabbitMQ sends nothing at all: the reason is a guess, and said to be one
+        assert error.reason_code is None
+        assert str(error) == (
+            "the broker closed the connection before its CONNACK "
+            "(a broker without MQTT 5 may do this to a 5.0 CONNECT)"
+        )
+
+
+@pytest.mark.parametrize("broker_name", brokers(lambda facts: V5 not in facts.versions))
+def test_a_5_0_fleet_counts_the_refusals_of_a_3_1_1_broker_by_reason(
+    broker: Broker, base: str
+) -> None:
+    devices = 3
+
+    async def scenario() -> Worker:
+        worker = fleet(broker, base, devices, version=V5)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        await until(lambda: worker.counters.connect_failures >= 2 * devices)
+        stop.set()
+        await running
+        return worker
+
+    counters = asyncio.run(scenario()).counters
+    assert counters.connects == 0
+    assert counters.connect_failures_by_reason == {
+        broker.facts.v5_connect_failure: counters.connect_failures
+    }
+    assert counters.reconciles(), counters.problems()
 
 
 # -- publish and subscribe ---------------------------------------------------------------
@@ -436,8 +486,14 @@ def test_a_qos2_publish_without_qos2_support_is_a_connect_error_not_a_crash(
         publisher = await connect(broker)
         packet_id = publisher.publish(f"{base}/q2", b"exactly once", qos=2)
         assert packet_id is not None
-        with pytest.raises(MQTTConnectError, match="connection closed"):
+        with pytest.raises(MQTTConnectError) as caught:
             await asyncio.wait_for(publisher.wait_acked(packet_id), TIMEOUT_S)
+        reason = broker.facts.qos2_close_reason
+        assert publisher.close_reason == reason
+        if reason == BROKER_CLOSED:
+            assert str(caught.value) == "connection closed by the broker"
+        else:
+            assert str(caught.value) == f"connection closed: {reason}"
         # The marker comes after the QoS 2 message, if that was delivered at all.
         marker = await connect(broker)
         await marker.wait_acked(marker.publish(f"{base}/marker", b"marker", qos=1))
@@ -532,11 +588,19 @@ def test_a_fleet_at_qos2_completes_its_flows_or_reports_the_lost_connections(
     assert counters.in_flight == 0
     if supported:
         assert counters.disconnects == 0
+        assert not [kind for kind in counters.errors_by_kind if "acknowledged" in kind]
     else:
         # Every device loses its connection on its first QoS 2 message, again after
         # each reconnect; nothing is ever acknowledged, and nothing is left in flight.
         assert counters.messages_acked_by_qos["2"] == 0
         assert counters.disconnects >= counters.reconnects >= devices
+        # Each lost message says why: the broker closed the connection (NATS), or
+        # iotix did on the broker's PUBACK (RabbitMQ). Those still awaiting their ack
+        # when the run stopped fail without an error, as anywhere else; devices
+        # between connections send nothing and say so.
+        lost = f"not acknowledged: {broker.facts.qos2_close_reason}"
+        assert set(counters.errors_by_kind) <= {lost, "not sent: device not connected"}
+        assert devices <= counters.errors_by_kind[lost] <= counters.messages_failed_by_qos["2"]
 
 
 # -- will and retained messages ------------------------------------------------------------

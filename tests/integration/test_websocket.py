@@ -1,9 +1,12 @@
 """MQTT over WebSockets: iotix's client through `create_websocket_connection`, for real.
 
-- Against the embedded amqtt broker's WebSocket listener (Debian's Mosquitto 2.0.11
-  opens its websockets listener on every interface whatever address it is given, which
-  tests bound to 127.0.0.1 must not do; see docs/interop.md), cross-checked with
-  paho-mqtt on its own WebSocket transport.
+- Against Mosquitto 2's websockets listener (`MosquittoBroker(websockets=True)`, bound
+  to 127.0.0.1 only: the fixture says `socket_domain ipv4`, see docs/interop.md): iotix
+  publishing at QoS 0, 1 and 2 to a paho-mqtt subscriber on its own WebSocket
+  transport, a worker's fleet over ``ws://`` watched by a probe over ``ws://``, and
+  messages crossing from Mosquitto's plain TCP listener to its websockets one.
+- Against the embedded amqtt broker's WebSocket listener, cross-checked with paho-mqtt
+  on its own WebSocket transport.
 - Against servers of the `websockets` library (installed with amqtt): a path check that
   answers 404, and a TLS echo server for ``wss://``, pings, fragments and closes.
 - Against Mosquitto's plain MQTT port and silent or absent servers: a clear error, fast.
@@ -37,15 +40,17 @@ from websockets.streams import StreamReader
 from iotix.adapters.mqtt import MQTTConnectError, MQTTConnection, open_connection
 from iotix.adapters.websocket import WebSocketConnectError, create_websocket_connection
 from iotix.clock import WallClock
+from iotix.engine.probe import Probe
 from iotix.engine.worker import RunSettings, Worker, parse_brokers
 from iotix.model.loader import load_model_data
-from iotix.protocols.mqtt.packets import Subscription
+from iotix.protocols.mqtt.packets import ProtocolVersion, Subscription
 from iotix.protocols.mqtt.session import (
     MessageReceivedEvent,
     MQTTClientSession,
     SessionSettings,
 )
 from iotix.protocols.websocket import Opcode, WebSocketError, accept_key, encode_frame
+from iotix.testing import MosquittoBroker
 from iotix.testing.embedded import EmbeddedBroker, EmbeddedBrokerError
 
 if TYPE_CHECKING:
@@ -55,7 +60,6 @@ if TYPE_CHECKING:
     from websockets.http11 import Request, Response
 
     from iotix.protocols.mqtt.session import Event
-    from iotix.testing import MosquittoBroker
 
 TIMEOUT_S = 10.0
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -75,18 +79,27 @@ def broker() -> Iterator[EmbeddedBroker]:
         yield embedded
 
 
+@pytest.fixture(scope="module")
+def mosquitto_ws(mosquitto_binary: Path) -> Iterator[MosquittoBroker]:
+    """A Mosquitto of this module's own with a websockets listener on 127.0.0.1."""
+    with MosquittoBroker(binary=mosquitto_binary, websockets=True) as mosquitto:
+        yield mosquitto
+
+
 @contextlib.contextmanager
-def paho_websocket_subscriber(broker: EmbeddedBroker, topic: str) -> Iterator[PahoClient]:
-    """paho-mqtt on its WebSocket transport, subscribed at QoS 1 through the broker."""
+def paho_websocket_subscriber(
+    host: str, port: int, topic: str, qos: int = 1
+) -> Iterator[PahoClient]:
+    """paho-mqtt on its WebSocket transport (path ``/mqtt``), subscribed at ``qos``."""
     paho = PahoClient(transport="websockets", protocol=MQTTProtocolVersion.MQTTv311)
     paho.client.ws_set_options(path="/mqtt")
-    paho.client.connect(broker.host, broker.ws_port, keepalive=30)
+    paho.client.connect(host, port, keepalive=30)
     paho.client.loop_start()
     try:
         assert paho.connack.wait(TIMEOUT_S), "no CONNACK over WebSockets"
         assert paho.connack_reason is not None
         assert not paho.connack_reason.is_failure, paho.connack_reason
-        paho.subscribe(topic, 1)
+        paho.subscribe(topic, qos)
         yield paho
     finally:
         paho.client.disconnect()
@@ -113,6 +126,183 @@ async def open_mqtt_over_websocket(
     async with asyncio.timeout(TIMEOUT_S):
         await connection._connected
     return transport, connection
+
+
+def pulse_model(topic: str, qos: int) -> dict[str, Any]:
+    """Devices that send JSON telemetry (``device_id``, ``seq``, ``ts_ms``) every 0.05 s."""
+    return {
+        "name": "ws_pulse",
+        "fields": {"n": {"kind": "counter"}},
+        "messages": {
+            "telemetry": {
+                "topic": topic,
+                "schedule": {"kind": "interval", "interval_s": 0.05},
+                "qos": qos,
+            }
+        },
+    }
+
+
+# -- through Mosquitto's websockets listener ---------------------------------------------
+
+
+@contextlib.contextmanager
+def paho_tcp_subscriber(host: str, port: int, topic: str, qos: int) -> Iterator[PahoClient]:
+    """paho-mqtt on plain TCP, subscribed at ``qos``."""
+    paho = PahoClient(protocol=MQTTProtocolVersion.MQTTv311)
+    paho.client.connect(host, port, keepalive=30)
+    paho.client.loop_start()
+    try:
+        assert paho.connack.wait(TIMEOUT_S), "no CONNACK"
+        paho.subscribe(topic, qos)
+        yield paho
+    finally:
+        paho.client.disconnect()
+        paho.client.loop_stop()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_iotix_publishes_over_websocket_to_mosquitto_reach_a_subscriber_at_their_qos(
+    mosquitto_ws: MosquittoBroker, loop: str
+) -> None:
+    base = f"iotix/test/mosquitto-ws/{uuid.uuid4()}"
+    host, port = mosquitto_ws.host, mosquitto_ws.websockets_port
+    # Every frame length class: 7-bit, 16-bit and 64-bit (over 64 KiB).
+    payloads = {
+        0: [b"q0-small", b"a" * 300, bytes(range(256)) * 300],
+        1: [b"q1-small", b"b" * 70_000, b""],
+        2: [b"q2-small", b"c" * 1_000, b"d" * 100_000],
+    }
+
+    async def publish() -> tuple[dict[int, list[int]], Any]:
+        transport, connection = await open_mqtt_over_websocket(host, port)
+        peername = transport.get_extra_info("peername")
+        packet_ids = {
+            qos: [connection.publish(f"{base}/qos{qos}", p, qos=qos) for p in sent]
+            for qos, sent in payloads.items()
+        }
+        async with asyncio.timeout(TIMEOUT_S):
+            # PUBACK for QoS 1, PUBCOMP (after PUBREC and PUBREL) for QoS 2.
+            reasons = {
+                qos: [(await connection.wait_acked(pid)).reason_code for pid in ids if pid]
+                for qos, ids in packet_ids.items()
+            }
+            for qos in payloads:
+                # Markers: nothing may come after them. MQTT orders the messages of one
+                # QoS only (paho hands a QoS 2 message over at PUBREL, after a QoS 1 one
+                # sent later), so each topic's marker goes at that topic's QoS.
+                await connection.wait_acked(
+                    connection.publish(f"{base}/qos{qos}", b"end", qos=max(qos, 1)) or 0
+                )
+            await connection.disconnect()
+        return reasons, peername
+
+    # The subscriber is on the plain MQTT port: Mosquitto 2.0.11 sends large messages
+    # over websockets slowly (about 40 KB/s; see docs/interop.md), and the next
+    # test covers that direction.
+    with paho_tcp_subscriber(host, mosquitto_ws.port, f"{base}/#", qos=2) as subscriber:
+        reasons, peername = run(publish(), loop)
+        count = sum(len(sent) + 1 for sent in payloads.values())
+        received = [subscriber.receive() for _ in range(count)]
+    assert reasons == {0: [], 1: [0, 0, 0], 2: [0, 0, 0]}
+    assert peername == (host, port)
+    by_topic: dict[str, list[tuple[bytes, int]]] = {}
+    for message in received:
+        by_topic.setdefault(message.topic, []).append((bytes(message.payload), message.qos))
+    # Mosquitto forwards at the lesser of the publish and subscription QoS (MQTT-3.8.4).
+    assert by_topic == {
+        f"{base}/qos{qos}": [(p, qos) for p in sent] + [(b"end", max(qos, 1))]
+        for qos, sent in payloads.items()
+    }
+    assert subscriber.messages.empty()
+
+
+def test_an_iotix_websocket_subscriber_receives_what_paho_publishes_to_mosquitto_over_tcp(
+    mosquitto_ws: MosquittoBroker,
+) -> None:
+    topic = f"iotix/test/mosquitto-ws/{uuid.uuid4()}"
+    # One message over 64 KiB, for a 64-bit frame length from Mosquitto: about 1.7 s,
+    # as Mosquitto 2.0.11 sends large messages over websockets at about 40 KB/s.
+    payloads = [b"%d" % n for n in range(200)] + [b"x" * 70_000, b"end"]
+
+    async def subscribe_and_receive() -> tuple[tuple[int, ...], list[tuple[bytes, int]]]:
+        messages: asyncio.Queue[MessageReceivedEvent] = asyncio.Queue()
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, MessageReceivedEvent):
+                messages.put_nowait(event)
+
+        _, connection = await open_mqtt_over_websocket(
+            mosquitto_ws.host, mosquitto_ws.websockets_port, on_event=on_event
+        )
+        async with asyncio.timeout(TIMEOUT_S):
+            suback = await connection.subscribe([Subscription(topic, qos=1)])
+            publisher = PahoClient(protocol=MQTTProtocolVersion.MQTTv311)  # plain TCP
+            publisher.client.connect(mosquitto_ws.host, mosquitto_ws.port, keepalive=30)
+            publisher.client.loop_start()
+            try:
+                for payload in payloads:
+                    publisher.client.publish(topic, payload, qos=1)
+                received = []
+                for _ in payloads:
+                    message = await messages.get()
+                    received.append((message.payload, message.qos))
+            finally:
+                publisher.client.disconnect()
+                publisher.client.loop_stop()
+            await connection.disconnect()
+        return suback.reason_codes, received
+
+    granted, received = run(subscribe_and_receive())
+    assert granted == (1,)
+    assert received == [(payload, 1) for payload in payloads]
+
+
+@pytest.mark.parametrize(
+    "version", [ProtocolVersion.V311, ProtocolVersion.V5], ids=lambda v: v.name
+)
+def test_a_fleet_over_websocket_to_mosquitto_loses_nothing_on_the_way_to_a_websocket_probe(
+    mosquitto_ws: MosquittoBroker, version: ProtocolVersion
+) -> None:
+    devices = 10
+    base = f"ws-fleet/{uuid.uuid4()}"
+    [endpoint] = parse_brokers(mosquitto_ws.websockets_url)
+    assert (endpoint.host, endpoint.port) == (mosquitto_ws.host, mosquitto_ws.websockets_port)
+    assert endpoint.websocket_path == "/mqtt"
+
+    async def scenario() -> tuple[Worker, dict[str, Any]]:
+        probe = Probe(
+            endpoint.host,
+            endpoint.port,
+            topic_filter=f"{base}/#",
+            version=version,
+            websocket_path=endpoint.websocket_path,
+        )
+        await probe.start()
+        worker = Worker(
+            load_model_data(pulse_model(base + "/{device_id}/telemetry", qos=1)),
+            range(devices),
+            RunSettings(devices=devices, brokers=(endpoint,), version=version),
+            WallClock(),
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        await until(lambda: worker.counters.messages_acked >= 5 * devices, TIMEOUT_S)
+        stop.set()
+        await running
+        acked = worker.counters.messages_acked
+        await until(lambda: probe.tracker.received >= acked, TIMEOUT_S)
+        return worker, await probe.stop()
+
+    worker, summary = run(scenario(), "uvloop")
+    counters = worker.counters
+    assert counters.reconciles(), counters.problems()
+    assert counters.in_flight == 0
+    assert (counters.connects, counters.disconnects, counters.connect_failures) == (devices, 0, 0)
+    assert counters.messages_acked_by_qos["1"] >= 5 * devices
+    assert summary["streams"] == devices
+    assert summary["received"] >= counters.messages_acked
+    assert (summary["lost"], summary["duplicates"], summary["unparseable"]) == (0, 0, 0)
 
 
 # -- through the embedded broker ---------------------------------------------------------
@@ -148,7 +338,7 @@ def test_iotix_publishes_over_websocket_reach_a_paho_websocket_subscriber(
         assert connection.closed
         return [ack.reason_code for ack in acks], extra
 
-    with paho_websocket_subscriber(broker, f"{base}/#") as subscriber:
+    with paho_websocket_subscriber(broker.host, broker.ws_port, f"{base}/#") as subscriber:
         reason_codes, extra = run(publish(), loop)
         received = [subscriber.receive() for _ in range(len(qos0) + len(qos1) + 2)]
     assert reason_codes == [0] * len(qos1)
@@ -229,7 +419,7 @@ def test_a_worker_runs_its_devices_over_websocket_from_a_ws_url(broker: Embedded
         await running
         return worker
 
-    with paho_websocket_subscriber(broker, "ws-fleet/#") as subscriber:
+    with paho_websocket_subscriber(broker.host, broker.ws_port, "ws-fleet/#") as subscriber:
         worker = run(scenario(), "uvloop")
         first = subscriber.receive()
     counters = worker.counters

@@ -917,6 +917,17 @@ def test_session_present_on_a_refused_connection_is_a_protocol_error() -> None:
     assert rejects(bytes.fromhex("20 02 01 05"), V311).reason_code == 0x82
 
 
+@pytest.mark.parametrize("code", [1, 5])
+def test_a_v5_reader_decodes_a_3_1_1_refusal_with_its_return_code(code: int) -> None:
+    # What a broker without 5.0 answers a 5.0 CONNECT (3.1.1 MQTT-3.1.2-2): its own
+    # CONNACK layout, with no Property Length.
+    assert decode(bytes([0x20, 2, 0, code]), V5) == [ConnAck(reason_code=code)]
+
+
+def test_a_v5_connack_accepting_without_a_property_length_is_malformed() -> None:
+    assert rejects(bytes.fromhex("20 02 00 00"), V5).reason_code == 0x81
+
+
 # ------------------------------------------------------------------------------ properties
 
 

@@ -38,6 +38,7 @@ from iotix.protocols.mqtt.session import (
     SessionSettings,
     SessionState,
     SubscribedEvent,
+    UnexpectedAckError,
 )
 
 V311 = ProtocolVersion.V311
@@ -99,6 +100,16 @@ def test_refused_connection_reports_the_reason_in_mqtt5_terms(
     session.connect()
     [event] = peer.send(ConnAck(reason_code=code))
     assert event == ConnectionRefusedEvent(reason)
+    assert session.state is SessionState.DISCONNECTED
+
+
+@pytest.mark.parametrize(("code", "reason"), [(1, 0x84), (5, 0x87)])
+def test_a_5_0_session_reads_a_3_1_1_refusal_as_the_refusal_it_is(code: int, reason: int) -> None:
+    # A broker without 5.0 answers a 5.0 CONNECT with a 3.1.1 CONNACK, return code 1
+    # (3.1.1 MQTT-3.1.2-2); 5.0 CONNACK reason codes are 0 and 0x80 up.
+    session = MQTTClientSession(SessionSettings(client_id="dev-1", version=V5))
+    session.connect()
+    assert session.receive_data(bytes([0x20, 2, 0, code])) == [ConnectionRefusedEvent(reason)]
     assert session.state is SessionState.DISCONNECTED
 
 
@@ -239,9 +250,40 @@ def test_unknown_incoming_topic_alias_is_a_protocol_error() -> None:
 
 def test_ack_for_an_unknown_id_is_a_protocol_error() -> None:
     peer = connected()
-    with pytest.raises(MQTTProtocolError) as caught:
+    with pytest.raises(UnexpectedAckError) as caught:
         peer.send(PubAck(42))
     assert caught.value.reason_code == 0x82
+    assert caught.value.kind == "PUBACK for an unknown packet id"
+
+
+def test_a_puback_for_a_qos2_message_is_a_protocol_error_that_says_so() -> None:
+    # What RabbitMQ 3.10 answers a QoS 2 PUBLISH: it took the message as QoS 1.
+    peer = connected()
+    packet_id = peer.session.publish("t", b"x", qos=2)
+    assert packet_id is not None
+    with pytest.raises(UnexpectedAckError) as caught:
+        peer.send(PubAck(packet_id))
+    error = caught.value
+    assert (error.reason_code, error.kind) == (0x82, "PUBACK for a QoS 2 message")
+    assert str(error) == (
+        f"PUBACK for a QoS 2 message: packet id {packet_id} "
+        "(the server took it as QoS 1: it does not support QoS 2)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("qos", "ack", "kind"),
+    [(1, PubRec, "PUBREC for a QoS 1 message"), (2, PubComp, "PUBCOMP before PUBREC")],
+)
+def test_an_ack_out_of_its_flow_names_the_mismatch_without_the_id(
+    qos: int, ack: type[PubRec | PubComp], kind: str
+) -> None:
+    peer = connected()
+    packet_id = peer.session.publish("t", b"x", qos=qos)
+    assert packet_id is not None
+    with pytest.raises(UnexpectedAckError) as caught:
+        peer.send(ack(packet_id))
+    assert (caught.value.kind, caught.value.packet_id) == (kind, packet_id)
 
 
 def test_subscribe_and_its_suback() -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from iotix.adapters.net import create_stream
 from iotix.adapters.websocket import create_websocket_connection
 from iotix.errors import IotixError, MQTTProtocolError
+from iotix.protocols.mqtt.packets import ProtocolVersion
 from iotix.protocols.mqtt.session import (
     ConnectedEvent,
     ConnectionRefusedEvent,
@@ -28,6 +29,7 @@ from iotix.protocols.mqtt.session import (
     SessionSettings,
     SessionState,
     SubscribedEvent,
+    UnexpectedAckError,
     reason_name,
 )
 
@@ -43,14 +45,33 @@ logger = logging.getLogger(__name__)
 EARLY_ACKS = 1024
 """Acknowledgements a connection without ``on_event`` keeps for a later wait_acked."""
 
+BROKER_CLOSED = "broker closed the connection"
+"""The :attr:`MQTTConnection.close_reason` of a connection the broker closed (no
+DISCONNECT, no socket error)."""
+CLOSED_BEFORE_CONNACK = "closed before CONNACK"
+"""The :attr:`MQTTConnectError.kind` of a connection the broker closed before its
+CONNACK: the TCP (or WebSocket) connection was made, so nothing was unreachable."""
+
 
 class MQTTConnectError(IotixError):
     """A connection could not be made: refused by the server (``reason_code``), or the
-    socket failed (``reason_code`` None, the cause chained)."""
+    socket failed (``reason_code`` None, the cause chained); also what waiters get when
+    an open connection is lost.
 
-    def __init__(self, message: str, *, reason_code: int | None = None) -> None:
+    ``kind`` is what a worker counts a failed attempt under: the refusal's reason in
+    words (``not authorized``, ``unsupported protocol version``), ``closed before
+    CONNACK``, a bad packet instead of the CONNACK (``malformed packet``), or
+    ``unreachable`` (the default: no connection, a socket or TLS error, no CONNACK in
+    time)."""
+
+    def __init__(
+        self, message: str, *, reason_code: int | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.reason_code = reason_code
+        if kind is None:
+            kind = reason_name(reason_code) if reason_code is not None else "unreachable"
+        self.kind = kind
 
 
 class MQTTConnection(asyncio.Protocol):
@@ -73,6 +94,7 @@ class MQTTConnection(asyncio.Protocol):
         "_timer",
         "_transport",
         "_waiters",
+        "close_reason",
         "closed",
         "session",
         "writable",
@@ -105,6 +127,13 @@ class MQTTConnection(asyncio.Protocol):
         self.closed = False
         """True once the transport has closed, for whatever reason (an attribute, not a
         property: the engine reads it for every message it sends)."""
+        self.close_reason: str | None = None
+        """Why the connection ended, in words fit for counting (no ids, no addresses):
+        ``broker closed the connection``, ``connection lost`` (a socket error), ``keep
+        alive timeout``, the reason of the server's DISCONNECT, or the broker's bad
+        packet (``malformed packet``, ``PUBACK for a QoS 2 message``, ...); "" when its
+        owner closed it (:meth:`disconnect`, :meth:`drop`, :meth:`abort`); None while
+        it is open."""
         self.writable = True
         """False while the transport's buffer is above its high-water mark (the peer
         reads slower than we write) and once closed: a sender that respects it never
@@ -131,7 +160,7 @@ class MQTTConnection(asyncio.Protocol):
             events = self.session.receive_data(data)
         except MQTTProtocolError as exc:
             logger.debug("protocol error from the server: %s", exc)
-            self.abort()
+            self._fail(exc.kind if isinstance(exc, UnexpectedAckError) else _code_name(exc))
             return
         for event in events:
             self._dispatch(event)
@@ -140,14 +169,17 @@ class MQTTConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.writable = False
+        if self.close_reason is None:
+            self.close_reason = BROKER_CLOSED if exc is None else "connection lost"
         if self._timer is not None:
             self._timer.cancel()
+        connecting = self.session.state is SessionState.CONNECTING
         for event in self.session.connection_lost():
             self._dispatch(event)
-        error = MQTTConnectError(_lost_reason(exc))
+        error = MQTTConnectError(_lost_reason(exc, self.close_reason))
         error.__cause__ = exc
         if self._connected is not None and not self._connected.done():
-            self._connected.set_exception(error)
+            self._connected.set_exception(self._connect_error(exc) if connecting else error)
         if self._waiters:
             for waiter in self._waiters.values():
                 if not waiter.done():
@@ -213,6 +245,7 @@ class MQTTConnection(asyncio.Protocol):
 
     async def disconnect(self) -> None:
         """Send DISCONNECT, then close once it is written."""
+        self._closing()
         self.session.disconnect()
         self._flush()
         if self._transport is not None:
@@ -222,14 +255,43 @@ class MQTTConnection(asyncio.Protocol):
     def drop(self) -> None:
         """Close the socket without DISCONNECT once what is queued is written: to the
         broker the client vanished (a reboot, a power cut), so it sends the will."""
+        self._closing()
         self._flush()
         if self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:
         """Drop the connection at once (no DISCONNECT: the will message is sent)."""
+        self._closing()
         if self._transport is not None:
             self._transport.abort()
+
+    def _closing(self) -> None:
+        """The owner closes the connection: no reason to count, unless one came first."""
+        if self.close_reason is None:
+            self.close_reason = ""
+
+    def _fail(self, reason: str) -> None:
+        """Drop the connection because of the broker (a bad packet, no PINGRESP)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _connect_error(self, exc: Exception | None) -> MQTTConnectError:
+        """What ``open_connection`` raises when the connection ends before its CONNACK."""
+        reason = self.close_reason
+        if exc is None and reason == BROKER_CLOSED:
+            message = "the broker closed the connection before its CONNACK"
+            if self.session.settings.version is ProtocolVersion.V5:
+                message += " (a broker without MQTT 5 may do this to a 5.0 CONNECT)"
+            error = MQTTConnectError(message, kind=CLOSED_BEFORE_CONNACK)
+        elif exc is None and reason:  # a bad packet instead of the CONNACK
+            error = MQTTConnectError(f"connection closed: {reason}", kind=reason)
+        else:
+            error = MQTTConnectError(_lost_reason(exc, reason))
+        error.__cause__ = exc
+        return error
 
     def _waiter(self, packet_id: int) -> asyncio.Future[Any]:
         if self._waiters is None:
@@ -279,7 +341,11 @@ class MQTTConnection(asyncio.Protocol):
                 if len(self._early) > EARLY_ACKS:
                     del self._early[next(iter(self._early))]
         elif isinstance(event, DisconnectedEvent) and event.reason_code == 0x8D:
-            self.abort()  # keepalive expired: the session gave up on the server
+            self._fail(reason_name(0x8D))  # keepalive expired: the session gave up
+        elif isinstance(event, DisconnectedEvent) and event.by_server and self.close_reason is None:
+            # The server's DISCONNECT says why; it closes the socket next.
+            code = event.reason_code
+            self.close_reason = reason_name(code) if code >= 0x80 else BROKER_CLOSED
         if self._on_event is not None:
             self._on_event(event)
 
@@ -315,10 +381,16 @@ class MQTTConnection(asyncio.Protocol):
             self._timer = self._loop.call_later(delay, self._arm_keepalive)
 
 
-def _lost_reason(exc: Exception | None) -> str:
+def _code_name(error: MQTTProtocolError) -> str:
+    return reason_name(error.reason_code if error.reason_code is not None else 0x81)
+
+
+def _lost_reason(exc: Exception | None, close_reason: str | None = None) -> str:
     """Why a connection closed, in words; TLS refusals by the broker made readable."""
     if exc is None:
-        return "connection closed"
+        if close_reason == BROKER_CLOSED:
+            return "connection closed by the broker"
+        return f"connection closed: {close_reason}" if close_reason else "connection closed"
     text = str(exc)
     if "CERTIFICATE_REQUIRED" in text or "HANDSHAKE_FAILURE" in text:
         return "the broker refused the TLS handshake: it requires a client certificate"
@@ -402,4 +474,11 @@ async def open_connection(
     return connection
 
 
-__all__ = ["MQTTConnectError", "MQTTConnection", "open_connection", "reason_name"]
+__all__ = [
+    "BROKER_CLOSED",
+    "CLOSED_BEFORE_CONNACK",
+    "MQTTConnectError",
+    "MQTTConnection",
+    "open_connection",
+    "reason_name",
+]

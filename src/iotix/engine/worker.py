@@ -887,10 +887,7 @@ class Worker:
                 counters.count_connect_failure(f"TLS setup: {exc.field}")
                 return None
             except MQTTConnectError as exc:
-                reason = (
-                    reason_name(exc.reason_code) if exc.reason_code is not None else "unreachable"
-                )
-                counters.count_connect_failure(reason)
+                counters.count_connect_failure(exc.kind)
                 self._reconnect_later(device)
                 return None
         self.connect_latency.record(self.clock.now_s() - started)
@@ -929,9 +926,10 @@ class Worker:
     def _down(self, device: _Device) -> None:
         self.connected -= 1
         self.batch.paused[device.row] = True
+        why = device.connection.close_reason if device.connection is not None else None
         device.connection = None
         if self.settings.clean_start:
-            self._fail_unacked(device)  # a clean session will not send them again
+            self._fail_unacked(device, why)  # a clean session will not send them again
         if self._stopping or not device.wanted:
             return
         self.counters.disconnects += 1
@@ -962,10 +960,15 @@ class Worker:
                 device.connection.drop()
         self._rebooting.clear()
 
-    def _fail_unacked(self, device: _Device) -> None:
+    def _fail_unacked(self, device: _Device, why: str | None = None) -> None:
+        """Count what awaits an ack as failed; when the broker or the network ended the
+        connection, also as the error ``not acknowledged: WHY`` (the connection's
+        ``close_reason``), one per message."""
         if device.sent_at:
             for _, _, qos in device.sent_at.values():
                 self.counters.count_failed(qos)
+            if why:
+                self.counters.count_error(f"not acknowledged: {why}", len(device.sent_at))
             device.sent_at.clear()
 
     def _reconnect_later(self, device: _Device) -> None:

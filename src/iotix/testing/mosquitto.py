@@ -31,8 +31,17 @@ Facts worth knowing:
   missing the broker keeps the caller's limit. The hard limit itself is not raised.
 - Run as root, Mosquitto 2 drops privileges to the ``mosquitto`` user, which cannot
   read the private directory; the generated configuration says ``user root`` then.
-- Mosquitto 2.0 binds a websockets listener on all interfaces whatever address the
-  configuration gives; the plain MQTT and TLS listeners bind to ``host`` only.
+- The websockets listener is served by libwebsockets, which Debian's Mosquitto 2.0.11
+  has built in (lws 4.1.6, with IPv6). Given an IPv4 address, that lws opens one
+  dual-stack socket on *every* interface (``*:PORT``; lws issue #2290, fixed in lws 4.2)
+  unless IPv6 is off for the listener: the generated configuration says
+  ``socket_domain ipv4`` under a websockets listener on an IPv4 ``host``, and the
+  listener then binds ``host`` only, like the plain MQTT and TLS ones (an IPv6 ``host``
+  such as ``::1`` is bound as given). lws takes an address or an interface name, never a
+  host name: ``listener PORT localhost`` opens nothing, without an error, so a broker
+  with websockets needs an IP address for ``host``. Mosquitto 2.0 also refuses to start
+  with a websockets listener alone ("Unable to start any listening sockets"); the plain
+  MQTT listener is always there.
 - Passwords are hashed by ``mosquitto_passwd -b`` (same package as the broker), so the
   file is in whatever format the installed broker reads. The password is an argument
   of that short-lived process, visible to ``ps``: meant for test credentials. Without
@@ -45,6 +54,7 @@ Nothing here is shared between brokers: no module-level state, no global registr
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -165,6 +175,11 @@ class MosquittoBroker:
                     f"invalid user {name!r}: a user name is non-empty and holds no ':' "
                     "or newline, a password holds no newline"
                 )
+        if websockets and not _is_ip_address(host):
+            raise MosquittoError(
+                f"a websockets listener needs an IP address, not {host!r}: Mosquitto's "
+                "libwebsockets takes no host names (it would silently listen nowhere)"
+            )
         self._host = host
         self._users = dict(users or {})
         self._allow_anonymous = allow_anonymous
@@ -418,6 +433,9 @@ class MosquittoBroker:
             yield f"listener {self._ports['websockets']} {self._host}"
             yield "protocol websockets"
             yield "max_connections -1"
+            if ":" not in self._host:
+                # Without it, lws binds an IPv4 address's listener on every interface.
+                yield "socket_domain ipv4"
         if self._tls is not None:
             yield f"listener {self._ports['tls']} {self._host}"
             yield "max_connections -1"
@@ -516,6 +534,14 @@ class _LaunchError(MosquittoError):
     def __init__(self, message: str, *, log_tail: str, port_taken: bool = False) -> None:
         super().__init__(message, log_tail=log_tail)
         self.port_taken = port_taken
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _accepts_connections(host: str, port: int) -> bool:

@@ -197,7 +197,8 @@ class Connect:
 
 @dataclass(frozen=True, slots=True)
 class ConnAck:
-    """CONNACK (§3.2). 3.1.1 return codes 0-5 travel in ``reason_code`` unchanged."""
+    """CONNACK (§3.2). 3.1.1 return codes 0-5 travel in ``reason_code`` unchanged, also
+    when a 5.0 reader meets a 3.1.1 refusal (see ``_decode_connack``)."""
 
     session_present: bool = False
     reason_code: int = 0
@@ -1264,8 +1265,12 @@ def _decode_connack(
         raise _error("session present on a refused connection", _PROTOCOL_ERROR)
     pos += 2
     properties = NO_PROPERTIES
-    if version is _V5:
+    if version is _V5 and not (pos == end and reason_code):
         properties, pos = _decode_properties(data, pos, end, PacketType.CONNACK)
+    # Else, under 5.0, a 3.1.1 CONNACK refusing the connection: no Property Length. A
+    # server without 5.0 answers a 5.0 CONNECT with return code 1, unacceptable protocol
+    # level (3.1.1 MQTT-3.1.2-2), in its own version's layout; the session reads the
+    # code as the 3.1.1 code it is. An acceptance (code 0) has no such excuse.
     _expect_end(pos, end, "CONNACK")
     return ConnAck(bool(flags), reason_code, properties)
 

@@ -100,6 +100,29 @@ REASON_NAMES = {
 }
 
 
+class UnexpectedAckError(MQTTProtocolError):
+    """An acknowledgement that fits no flow in progress (a protocol error, 0x82): a
+    PUBACK for a QoS 2 message (what a broker without QoS 2 that takes the message as
+    QoS 1 sends), an ack for a packet id not in flight, a PUBCOMP before the PUBREC.
+
+    ``kind`` says which, without the packet id, for counting: ``PUBACK for a QoS 2
+    message``, ``PUBREC for an unknown packet id``, ``PUBCOMP before PUBREC``."""
+
+    def __init__(self, packet: str, packet_id: int, inflight_qos: int | None) -> None:
+        if inflight_qos is None:
+            kind = f"{packet} for an unknown packet id"
+        elif packet == "PUBCOMP" and inflight_qos == 2:
+            kind = "PUBCOMP before PUBREC"
+        else:
+            kind = f"{packet} for a QoS {inflight_qos} message"
+        hint = ""
+        if packet == "PUBACK" and inflight_qos == 2:
+            hint = " (the server took it as QoS 1: it does not support QoS 2)"
+        super().__init__(f"{kind}: packet id {packet_id}{hint}", reason_code=0x82)
+        self.kind = kind
+        self.packet_id = packet_id
+
+
 def reason_name(code: int) -> str:
     """A reason code as words, for reports: ``0x86`` -> ``bad user name or password``."""
     return REASON_NAMES.get(code, f"reason 0x{code:02x}")
@@ -558,14 +581,14 @@ class MQTTClientSession:
                 self._incoming_publish(packet, events)
             case PubAck(packet_id=packet_id, reason_code=reason):
                 message = self._inflight.pop(packet_id, None)
-                if message is None or message.qos != 1:
-                    raise MQTTProtocolError(f"PUBACK for unknown id {packet_id}", reason_code=0x82)
+                if message is None or message.qos != 1:  # MQTT-4.3.2: QoS 1 flows only
+                    raise UnexpectedAckError("PUBACK", packet_id, _qos_of(message))
                 events.append(PublishAckedEvent(packet_id, 1, reason))
                 self._fill_window()
             case PubRec(packet_id=packet_id, reason_code=reason):
                 message = self._inflight.get(packet_id)
                 if message is None or message.qos != 2:
-                    raise MQTTProtocolError(f"PUBREC for unknown id {packet_id}", reason_code=0x82)
+                    raise UnexpectedAckError("PUBREC", packet_id, _qos_of(message))
                 if reason >= 0x80:  # MQTT-4.3.3: a failed PUBREC ends the flow
                     del self._inflight[packet_id]
                     events.append(PublishAckedEvent(packet_id, 2, reason))
@@ -576,7 +599,7 @@ class MQTTClientSession:
             case PubComp(packet_id=packet_id, reason_code=reason):
                 message = self._inflight.pop(packet_id, None)
                 if message is None or not message.released:
-                    raise MQTTProtocolError(f"PUBCOMP for unknown id {packet_id}", reason_code=0x82)
+                    raise UnexpectedAckError("PUBCOMP", packet_id, _qos_of(message))
                 events.append(PublishAckedEvent(packet_id, 2, reason))
                 self._fill_window()
             case PubRel(packet_id=packet_id):
@@ -610,9 +633,12 @@ class MQTTClientSession:
     def _connack(self, packet: ConnAck, events: list[Event]) -> None:
         version = self.settings.version
         reason = packet.reason_code
-        if version is ProtocolVersion.V311:
+        if version is ProtocolVersion.V311 or 0 < reason < 0x80:
+            # A 3.1.1 return code; under 5.0, whose CONNACK codes are 0 and 0x80 up, the
+            # refusal of a server without 5.0 (3.1.1 MQTT-3.1.2-2: code 1, unacceptable
+            # protocol level), read as paho-mqtt reads it: 0x84, unsupported version.
             reason = V311_CONNACK_REASONS.get(reason, 0x80) if reason else 0
-        if reason >= 0x80 or (version is ProtocolVersion.V311 and packet.reason_code):
+        if reason >= 0x80:
             self.state = SessionState.DISCONNECTED
             events.append(ConnectionRefusedEvent(reason))
             return
@@ -678,3 +704,7 @@ class MQTTClientSession:
         events.append(
             MessageReceivedEvent(topic, packet.payload, qos, packet.retain, packet.properties)
         )
+
+
+def _qos_of(message: _Outgoing | None) -> int | None:
+    return None if message is None else message.qos
