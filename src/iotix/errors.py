@@ -18,6 +18,8 @@ raises anything else on bad input.
       packet). ``reason_code`` is the code to close with, where the protocol has one.
         - :class:`MQTTProtocolError` — malformed MQTT, with the MQTT 5 reason code
           (0x81 malformed packet, 0x82 protocol error, 0x95 packet too large, ...).
+            - ``UnexpectedAckError`` (:mod:`iotix.protocols.mqtt.session`) — an ack
+              that does not fit what was sent (a PUBACK for a QoS 2 message, say).
         - ``WebSocketError`` (:mod:`iotix.protocols.websocket`) — a broken WebSocket
           frame or upgrade; ``reason_code`` is the close code.
 

@@ -21,9 +21,10 @@ Facts worth knowing:
   against Mosquitto (:class:`iotix.testing.MosquittoBroker`).
 - The WebSocket listener is amqtt's ``type: ws`` (served by the ``websockets`` library):
   it requires the ``mqtt`` subprotocol and answers ``426 Upgrade Required`` to plain
-  HTTP, but it serves every path, not only ``/mqtt``. Debian's Mosquitto 2.0.11 opens
-  its websockets listener on every interface, whatever address it is given, so this is
-  the broker the tests check MQTT over WebSockets against (on 127.0.0.1 only).
+  HTTP, but it serves every path, not only ``/mqtt``. The tests check MQTT over
+  WebSockets against it and against Mosquitto's websockets listener
+  (:class:`iotix.testing.MosquittoBroker`, bound to 127.0.0.1 with ``socket_domain
+  ipv4``).
 - The port is picked by binding port 0 and passing the number to amqtt (it offers no
   public way to read back a port it chose itself). Another process can take the port in
   between; the start is then retried on a new port.
