@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -733,3 +734,45 @@ def test_schema_scenario_prints_the_committed_scenario_schema(run_cli: RunCLI) -
     assert result.returncode == EXIT_OK, result.stderr
     committed = COMMITTED_SCHEMA.parent / "scenario.schema.json"
     assert json.loads(result.stdout) == json.loads(committed.read_text(encoding="utf-8"))
+
+
+# --- declared protocols ----------------------------------------------------------------
+
+
+def test_validate_shows_the_protocols_a_model_declares(run_cli: RunCLI) -> None:
+    result = run_cli(
+        "validate",
+        "examples/device-models/door-sensor.yaml",
+        "examples/device-models/thermostat.yaml",
+    )
+
+    assert result.returncode == EXIT_OK, result.stderr
+    door, thermostat = result.stdout.splitlines()
+    assert door.endswith("protocols mqtt)")
+    assert thermostat.endswith("any protocol)")
+
+
+def test_run_over_a_protocol_the_model_does_not_declare_exits_2_before_connecting(
+    run_cli: RunCLI,
+) -> None:
+    # A real listener at the broker's address: after the refusal, nobody connected to it.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        result = run_cli(
+            "run",
+            "examples/device-models/door-sensor.yaml",
+            "--broker",
+            f"http://127.0.0.1:{port}/ingest",
+            "--duration",
+            "5",
+        )
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+
+    assert result.returncode == EXIT_INVALID, result.stdout + result.stderr
+    error = result.stderr
+    assert "examples/device-models/door-sensor.yaml" in error
+    assert "declares protocols: mqtt" in error
+    assert "it does not run over http://" in error
+    assert result.stdout == ""

@@ -30,3 +30,20 @@ def test_example_previews_and_every_payload_decodes(path: Path) -> None:
         encoder = preview.batch.encoder_for(message)
         encoder.decode(message.payload)
         encoder.describe(message.payload)
+
+
+def test_the_examples_declare_mqtt_and_only_protocols_that_carry_their_features() -> None:
+    # Every example runs over MQTT (the demo runs four of them on an MQTT broker); a model
+    # with a will or a birth declares MQTT alone, and one with commands no Kafka (Kafka
+    # devices receive no commands). The thermostat declares nothing: it runs over any
+    # protocol, and the protocol guides use it over each.
+    for path in MODELS:
+        spec = load_model(path).spec
+        if spec.protocols is None:
+            assert path.name == "thermostat.yaml", path.name
+            continue
+        assert "mqtt" in spec.protocols, path.name
+        if spec.connection is not None:
+            assert spec.protocols == ["mqtt"], path.name
+        if spec.commands is not None:
+            assert "kafka" not in spec.protocols, path.name

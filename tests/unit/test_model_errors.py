@@ -341,3 +341,45 @@ def test_gaussian_field_with_min_above_max_is_reported(tmp_path: Path) -> None:
     issue = only_issue(tmp_path, text)
     assert issue.dotted_path == "fields.setpoint"
     assert "must not be below" in issue.problem
+
+
+# --- protocols ------------------------------------------------------------------------
+
+
+def test_unknown_protocol_names_its_path_line_and_the_known_families(tmp_path: Path) -> None:
+    issue = only_issue(tmp_path, VALID + "protocols: [mqtt, htp]\n")
+    assert issue.file == tmp_path / "model.yaml"
+    assert (issue.dotted_path, issue.line) == ("protocols[1]", 8)
+    assert issue.problem == "unknown protocol 'htp'"
+    assert issue.hint is not None
+    assert issue.hint.startswith("did you mean 'http'? known protocols: mqtt, http, coap, kafka")
+    assert "model.yaml:8: protocols[1]: unknown protocol 'htp'" in str(issue)
+
+
+def test_a_protocol_listed_twice_is_reported(tmp_path: Path) -> None:
+    issue = only_issue(tmp_path, VALID + "protocols: [mqtt, coap, mqtt]\n")
+    assert issue.dotted_path == "protocols[2]"
+    assert issue.problem == "'mqtt' is listed twice (also protocols[0])"
+
+
+def test_a_scheme_written_for_its_family_is_reported(tmp_path: Path) -> None:
+    issue = only_issue(tmp_path, VALID + "protocols: [mqtts]\n")
+    assert issue.dotted_path == "protocols[0]"
+    assert issue.problem == "'mqtts' is a scheme of the 'mqtt' family"
+    assert issue.hint == "write 'mqtt'"
+
+
+@pytest.mark.parametrize(
+    ("value", "path", "words"),
+    [
+        ("[]", "protocols", "at least 1 item"),
+        ("mqtt", "protocols", "valid list"),
+        ("[mqtt, 7]", "protocols[1]", "valid string"),
+    ],
+)
+def test_protocols_is_a_non_empty_list_of_names(
+    tmp_path: Path, value: str, path: str, words: str
+) -> None:
+    issue = only_issue(tmp_path, VALID + f"protocols: {value}\n")
+    assert issue.dotted_path == path
+    assert words in issue.problem

@@ -47,6 +47,20 @@ def test_schema_rejects_an_unknown_generator_kind() -> None:
     assert not validator.is_valid(model)
 
 
+@pytest.mark.parametrize(
+    ("protocols", "valid"),
+    [(["mqtt", "coap"], True), (["udpjson"], True), ([], False), (["mqtt", "mqtt"], False)],
+)
+def test_schema_knows_the_declared_protocols(protocols: list[str], valid: bool) -> None:
+    model = {
+        "name": "x",
+        "protocols": protocols,
+        "messages": {"m": {"schedule": {"kind": "interval", "interval_s": 1}}},
+    }
+    validator = jsonschema.Draft202012Validator(model_schema())
+    assert validator.is_valid(model) is valid
+
+
 # --- the scenario file ----------------------------------------------------------------
 
 SCENARIO_COMMITTED = ROOT / "schemas" / "scenario.schema.json"

@@ -3,7 +3,8 @@
 Pydantic checks each spec on its own; this module checks how they fit together: the
 fields a message names exist, expressions are safe, known and acyclic, states and
 commands named anywhere are defined, topics only use per-device constants, binary
-layouts can hold the values their fields produce, and replay files can be read.
+layouts can hold the values their fields produce, replay files can be read, and the
+declared protocols are known ones (:mod:`iotix.model.protocols`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from iotix.errors import ExpressionError, ReplayError
 from iotix.model.connection import check_connection
 from iotix.model.expr import compile_expression
 from iotix.model.generators import ReplayTable, template_names, value_bounds
+from iotix.model.protocols import declared_protocol_issues
 from iotix.model.spec import (
     DEVICE_NAMES,
     MESSAGE_NAMES,
@@ -353,6 +355,7 @@ def check_model(spec: DeviceModelSpec, *, base_dir: Path | None = None) -> Itera
     """Every cross-reference problem of ``spec``: (path, problem, hint)."""
     yield from _Checker(spec, base_dir).run()
     yield from check_connection(spec)
+    yield from declared_protocol_issues(spec)
 
 
 __all__ = ["check_model"]

@@ -577,6 +577,14 @@ class DeviceModelSpec(Spec):
         default="{model}-{index:06d}",
         description="Device id template over {model}, {index} and attributes.",
     )
+    protocols: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="The protocol families the model is meant for: mqtt (mqtt, mqtts, ws, "
+        "wss), http (http, https), coap (coap, coaps), kafka, or an adapter plugin's scheme. "
+        "Running it over another is refused; default: any protocol.",
+        json_schema_extra={"uniqueItems": True, "examples": [["mqtt", "coap"]]},
+    )
     attributes: dict[Identifier, AttributeSpec] = Field(default_factory=dict)
     fields: dict[Identifier, FieldSpec] = Field(default_factory=dict)
     messages: dict[Identifier, MessageSpec] = Field(min_length=1)
