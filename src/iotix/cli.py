@@ -36,8 +36,10 @@ from iotix.engine.fleet import (
     FleetResult,
     WorkerDeath,
     default_workers,
+    probe_refusal,
     run_fleet,
 )
+from iotix.engine.probe import ProbeStartError
 from iotix.engine.results import results_document, summarise
 from iotix.engine.stages import StagePlan, parse_stages
 from iotix.engine.worker import (
@@ -51,6 +53,7 @@ from iotix.errors import IotixError, ModelError
 from iotix.metrics import Snapshot, TimeSeries, TimeSeriesRow
 from iotix.model.conformance import Conformance
 from iotix.model.loader import SUFFIXES, LoadedModel, load_model, parse_document
+from iotix.model.protocols import check_protocol
 from iotix.model.runtime import Message
 from iotix.preview import PlannedCommand, Preview, preview_model
 from iotix.protocols.mqtt.packets import ProtocolVersion
@@ -177,9 +180,11 @@ def validate(
                 )
             else:
                 spec = load_model(file).spec
+                protocols = ", ".join(spec.protocols) if spec.protocols else None
                 what = (
                     f"{spec.name}: {_count(len(spec.fields), 'field')}, "
                     f"{_count(len(spec.messages), 'message')}, {_count(len(spec.events), 'event')}"
+                    + (f", protocols {protocols}" if protocols else ", any protocol")
                 )
         except ModelError as exc:
             invalid += 1
@@ -493,6 +498,9 @@ def _run_live(
                 f"{escape(str(exc))}"
             )
             raise typer.Exit(EXIT_RUN_FAILED) from None
+        except ProbeStartError as exc:  # the Kafka probe reads before any device sends
+            console.print(f"[bold red]error[/] {escape(str(exc))}")
+            raise typer.Exit(EXIT_RUN_FAILED) from None
     summary = summarise(outcome.snapshot)
     _print_summary(console, summary, outcome.worker_errors)
     if outcome.probe is not None:
@@ -661,6 +669,7 @@ def run(
     try:
         loaded = load_model(model)
         brokers = parse_brokers(broker)
+        check_protocol(loaded, str(brokers[0]))  # refused before anything connects
         stage_list = parse_stages(stages, fleet_size=devices) if stages else ()
         if duration is None:
             duration = StagePlan(stage_list, devices).duration_s if stage_list else 60.0
@@ -771,12 +780,9 @@ def _adapter_options(
         if options or texts:
             raise RunConfigError("--adapter-option is for http://, coap://, kafka:// endpoints")
         return options, timeout_s, retries
-    if probe is not None:
-        raise RunConfigError(
-            f"the probe subscribes over MQTT: it cannot follow {endpoint.scheme}:// devices "
-            "(for Kafka, iotix.engine.kafka_probe.KafkaProbe checks delivery from Python; "
-            "see docs/kafka.md)"
-        )
+    refusal = probe_refusal(endpoint) if probe is not None else None
+    if refusal is not None:
+        raise RunConfigError(refusal)
     adapter_for(endpoint.scheme)(endpoint, AdapterSettings(timeout_s=timeout_s, options=options))
     return options, timeout_s, retries
 
@@ -875,6 +881,9 @@ def _load_scenario_for_run(
                 raise RunConfigError("--broker-for takes NAME=URL")
             scenario = with_brokers(scenario, named)
         override = parse_brokers(broker) if broker else None
+        if override is not None:  # --broker replaces every fleet's broker
+            for fleet in scenario.fleets:
+                check_protocol(fleet.model, str(override[0]))
         plan = plan_scenario(scenario, scale=scale, brokers=override)
     except ModelError as exc:
         _print_model_error(err, exc)
@@ -1015,7 +1024,7 @@ def demo(
             broker = embedded.url
         endpoints = parse_brokers(broker)
         for fleet in fleets:
-            load_model(fleet.model_path)
+            check_protocol(load_model(fleet.model_path), str(endpoints[0]))
     except ModelError as exc:
         _print_model_error(Console(stderr=True), exc)
         raise typer.Exit(EXIT_INVALID) from None

@@ -23,7 +23,9 @@ raises anything else on bad input.
         - ``WebSocketError`` (:mod:`iotix.protocols.websocket`) — a broken WebSocket
           frame or upgrade; ``reason_code`` is the close code.
 
-Defined beside the code they belong to, and also IotixErrors: ``RunConfigError`` (run
+Defined beside the code they belong to, and also IotixErrors: ``ProtocolNotDeclaredError``
+(a model run over a protocol it does not declare, :mod:`iotix.model.protocols`),
+``ProbeStartError`` (:mod:`iotix.engine.probe`), ``RunConfigError`` (run
 settings, :mod:`iotix.engine.worker`), ``StagesError`` (:mod:`iotix.engine.stages`),
 ``CheckError`` (:mod:`iotix.scenario.checks`), ``TLSConfigError``
 (:mod:`iotix.adapters.tls`), ``MQTTConnectError`` (:mod:`iotix.adapters.mqtt`).

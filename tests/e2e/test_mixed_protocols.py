@@ -1,5 +1,6 @@
 """The mixed-protocol example: one model over MQTT, HTTP, CoAP and Kafka in one run,
-each against a real server started here, with its own figures in the reports."""
+each against a real server started here, with its own figures in the reports, and the
+probe's delivery figures over the MQTT and Kafka fleets."""
 
 from __future__ import annotations
 
@@ -109,3 +110,12 @@ def test_one_model_over_four_protocols_passes_with_figures_for_each(
         assert figures["messages_acked"] == figures["messages_sent"], name
     assert http.requests == fleets["over-http"]["messages_acked"]
     assert "### By fleet" in (tmp_path / "summary.md").read_text(encoding="utf-8")
+    # The probe follows the MQTT fleet (a subscriber) and the Kafka fleet (a consumer),
+    # one tracker for both: every message of either, once, though both fleets' devices
+    # have the same ids; HTTP and CoAP devices it cannot follow.
+    probe = report["probe"]
+    followed = fleets["over-mqtt"]["messages_acked"] + fleets["over-kafka"]["messages_acked"]
+    assert probe["unique"] == followed, probe
+    assert (probe["lost"], probe["duplicates"]) == (0, 0), probe
+    checks = {check["name"]: check["passed"] for check in report["checks"]}
+    assert checks["MQTT and Kafka delivered"] is True

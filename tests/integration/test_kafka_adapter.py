@@ -29,7 +29,8 @@ from iotix.adapters.base import (
 )
 from iotix.adapters.kafka import ACKS0_ERROR, KafkaAdapter
 from iotix.clock import WallClock
-from iotix.engine.kafka_probe import KafkaProbe, KafkaProbeError
+from iotix.engine.fleet import ProbeThread
+from iotix.engine.kafka_probe import KafkaProbe, KafkaProbeError, fleet_topic_pattern
 from iotix.engine.message_worker import MessageWorker
 from iotix.engine.worker import RunSettings, parse_brokers
 from iotix.model.loader import load_model_data
@@ -462,3 +463,43 @@ def test_the_probe_reads_binary_payloads_by_key_and_headers(tansu: TansuBroker) 
     assert summary["unique"] == 3
     assert summary["lost"] == 0
     assert summary["unparseable"] == 1
+
+
+def test_a_probe_thread_counts_a_kafka_fleets_records_and_no_other_topics(
+    tansu: TansuBroker,
+) -> None:
+    """The probe of `iotix run --probe` over Kafka: a KafkaProbe on the probe's own
+    thread, reading the topics the fleet's model produces to, from before the first
+    record; its stop reads what was written before it (the run is over by then)."""
+    devices = 5
+    model = fast_thermostat()
+    probe = ProbeThread(
+        parse_brokers(tansu.url), 1.0, kafka_pattern=fleet_topic_pattern(model.spec)
+    )
+    probe.start()
+
+    async def scenario() -> MessageWorker:
+        async with KafkaAdapter(endpoint(tansu), AdapterSettings(timeout_s=5)) as other:
+            link = await other.connect(DeviceIdentity("other-1", 0))  # not a thermostat
+            assert (await link.send(message("other-1", 0, name="orders"))).confirmed
+            worker = kafka_worker(tansu, devices, model)
+            stop = asyncio.Event()
+            running = asyncio.create_task(worker.run(stop))
+            await until(lambda: worker.counters.messages_acked >= 5 * devices)
+            stop.set()
+            await running
+            assert (await link.send(message("other-1", 1, name="orders"))).confirmed
+        return worker
+
+    try:
+        counters = asyncio.run(scenario()).counters
+    finally:
+        summary = probe.stop()
+    assert counters.messages_failed == 0
+    assert summary["unique"] == counters.messages_acked
+    assert (summary["lost"], summary["duplicates"], summary["unparseable"]) == (0, 0, 0)
+    assert summary["e2e_latency"]["count"] == counters.messages_acked
+    assert summary["streams"] == devices  # the thermostats' telemetry, not the orders
+    [kafka_probe] = probe.kafka_probes
+    assert kafka_probe.records == counters.messages_acked
+    assert probe.tracker.finished

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import zlib
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,6 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from iotix.engine.fleet import FleetPlan, kafka_probe_pattern, probe_can_follow, probe_refusal
+from iotix.engine.kafka_probe import fleet_topic_pattern, record_identity, record_stream
 from iotix.engine.probe import (
     SCHEMA_ERROR_EXAMPLES,
     DeliveryTracker,
@@ -22,10 +26,13 @@ from iotix.engine.probe import (
     sample_buckets,
     topic_stream,
 )
+from iotix.engine.worker import RunSettings, parse_brokers
 from iotix.model.conformance import Conformance
-from iotix.model.loader import load_model_data
+from iotix.model.loader import load_model, load_model_data
 from iotix.model.runtime import DeviceBatch
 from iotix.protocols.mqtt.session import MessageReceivedEvent
+
+THERMOSTAT = Path(__file__).resolve().parents[2] / "examples" / "device-models" / "thermostat.yaml"
 
 SENT_MS = 1_700_000_000_000
 """An epoch in milliseconds; receive times below are this plus a known latency."""
@@ -430,3 +437,97 @@ def test_a_probe_with_a_models_conformance_counts_its_broken_messages() -> None:
         "telemetry.temperature: 41.0 above max 40",
         "telemetry.mode: 'off' is not one of 'eco', 'on'",
     ]
+
+
+# -- which devices a probe follows, and the Kafka probe's pure parts ---------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "follows"),
+    [
+        ("mqtt://h:1883", True),
+        ("mqtts://h:8883", True),
+        ("ws://h:80/mqtt", True),
+        ("kafka://h:9092", True),
+        ("http://h:80/ingest", False),
+        ("coap://h:5683", False),
+    ],
+)
+def test_a_probe_follows_mqtt_and_kafka_devices_only(url: str, follows: bool) -> None:
+    endpoint = parse_brokers(url)[0]
+    assert probe_can_follow(endpoint) is follows
+    assert (probe_refusal(endpoint) is None) is follows
+
+
+@pytest.mark.parametrize(("url", "doc"), [("http://h:80/x", "http"), ("coap://h:5683", "coap")])
+def test_the_refusal_names_the_protocol_and_its_docs(url: str, doc: str) -> None:
+    scheme = url.partition(":")[0]
+    refusal = probe_refusal(parse_brokers(url)[0])
+    assert refusal == (
+        f"the probe follows MQTT and Kafka devices: it cannot follow {scheme}:// devices "
+        f"(see docs/{doc}.md)"
+    )
+
+
+def test_a_kafka_fleets_pattern_matches_its_models_topics_made_legal() -> None:
+    pattern = re.compile(fleet_topic_pattern(load_model(THERMOSTAT).spec))
+    assert pattern.fullmatch("buildings.paris.thermostats.thermo-00001.telemetry")
+    assert pattern.fullmatch("devices.thermo-00001.events")  # the overheat alarm
+    assert not pattern.fullmatch("buildings.paris.thermostats.thermo-00001.status")
+    assert not pattern.fullmatch("orders")
+
+
+def test_a_kafka_fleets_pattern_follows_its_topic_option() -> None:
+    pattern = re.compile(fleet_topic_pattern(load_model(THERMOSTAT).spec, "iotix/{message}"))
+    assert [
+        name for name in ("iotix.telemetry", "iotix.overheat") if not pattern.fullmatch(name)
+    ] == []
+    assert not pattern.fullmatch("iotix.other")
+    assert not pattern.fullmatch("buildings.paris.thermostats.thermo-00001.telemetry")
+
+
+def test_the_probe_pattern_covers_the_kafka_fleets_and_only_them() -> None:
+    mqtt, kafka = parse_brokers("mqtt://h:1883")[0], parse_brokers("kafka://h:9092")[0]
+    settings = RunSettings(devices=2, brokers=(mqtt,))
+    fleets = [
+        FleetPlan(THERMOSTAT, 1),  # over MQTT: not the Kafka probe's
+        FleetPlan(
+            THERMOSTAT, 1, {"brokers": (kafka,), "adapter_options": {"topic": "t.{message}"}}
+        ),
+    ]
+    pattern = kafka_probe_pattern(fleets, settings)
+    assert pattern is not None
+    assert re.fullmatch(pattern, "t.telemetry")
+    assert not re.fullmatch(pattern, "buildings.paris.thermostats.thermo-00001.telemetry")
+    assert kafka_probe_pattern(fleets[:1], settings) is None
+
+
+def test_a_kafka_record_is_identified_by_its_json_payload_first() -> None:
+    payload = telemetry("d1", 4)
+    headers = {"iotix-seq": b"9", "iotix-ts-ms": b"1"}
+    assert record_identity(b"other", payload, headers) == ("d1", 4, SENT_MS)
+
+
+def test_a_binary_kafka_record_is_identified_by_its_key_and_headers() -> None:
+    headers = {"iotix-seq": b"9", "iotix-ts-ms": str(SENT_MS).encode()}
+    assert record_identity(b"d1", b"\x01", headers) == ("d1", 9, SENT_MS)
+
+
+@pytest.mark.parametrize(
+    ("key", "headers"),
+    [
+        (None, {"iotix-seq": b"9", "iotix-ts-ms": b"1"}),
+        (b"d1", {"iotix-ts-ms": b"1"}),
+        (b"d1", {"iotix-seq": b"-1", "iotix-ts-ms": b"1"}),
+        (b"\xff", {"iotix-seq": b"9", "iotix-ts-ms": b"1"}),
+    ],
+)
+def test_a_kafka_record_without_an_identity_is_none(
+    key: bytes | None, headers: dict[str, bytes]
+) -> None:
+    assert record_identity(key, b"\x01", headers) is None
+
+
+def test_a_kafka_records_stream_is_its_name_header_else_the_topics_last_level() -> None:
+    assert record_stream("devices.d1.events", {"iotix-name": b"overheat"}) == "overheat"
+    assert record_stream("devices.d1.telemetry", {}) == "telemetry"

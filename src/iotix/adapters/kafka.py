@@ -32,7 +32,8 @@ Options (``adapter_options`` of a run or a scenario fleet, ``--adapter-option``)
   ``{message}`` (the message's name: ``telemetry``, an event's name) and
   ``{device_id}``; the result is made legal the same way. ``iotix.{message}`` sends
   every device's telemetry to one topic, ``iotix.telemetry``, rather than one topic per
-  device;
+  device. A template that can make no legal name (no placeholders and nothing legal,
+  or text alone over 249 characters) is a configuration error;
 - ``linger_ms``: how long the producer waits to fill a batch (default 0: send at
   once; a few milliseconds trade latency for fewer, larger requests);
 - ``compression``: ``none`` (default), ``gzip``, ``snappy``, ``lz4`` or ``zstd`` (the
@@ -63,7 +64,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import string
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 import orjson
@@ -80,7 +83,7 @@ if TYPE_CHECKING:
     from iotix.adapters.base import AdapterSettings, DeviceIdentity, OutgoingMessage
     from iotix.engine.worker import BrokerEndpoint
 
-__all__ = ["KafkaAdapter", "kafka_error_kind", "kafka_topic"]
+__all__ = ["KafkaAdapter", "kafka_error_kind", "kafka_topic", "kafka_topic_pattern"]
 
 _log = logging.getLogger(__name__)
 
@@ -104,6 +107,9 @@ NAME_HEADER: Final = "iotix-name"
 ACKS0_ERROR: Final = "not confirmed: kafka acks=0"
 
 _ILLEGAL = re.compile(r"[^A-Za-z0-9._-]")
+
+ANY_LEGAL: Final = "[A-Za-z0-9._-]*"
+"""The regex of any run of characters a legal topic name may hold."""
 
 # aiokafka's exceptions by what the engine counts them as. Looked up along the class's
 # MRO, so a subclass lands with its parent; anything else is "kafka <ClassName>".
@@ -138,6 +144,69 @@ def kafka_topic(topic: str) -> str:
     if len(name) > MAX_TOPIC_LENGTH:
         return ""
     return name
+
+
+@dataclass
+class _Piece:
+    """A literal (its text made legal) or a placeholder (its regex) of a template."""
+
+    text: str
+    literal: bool
+    dots_before: bool = False
+    """The literal's leading dots may have gone (stripped at the name's start)."""
+    dots_after: bool = False
+
+
+def _strip_edge(pieces: list[_Piece], *, leading: bool) -> None:
+    """Strip the dots :func:`kafka_topic` removes at one end of the name from the
+    literals there: for certain when nothing comes before them, optionally when only
+    placeholders that may render empty (or as dots) do."""
+    behind_placeholder = False
+    for piece in pieces if leading else reversed(pieces):
+        if not piece.literal:
+            if not any(re.fullmatch(f"(?:{piece.text})", dots) for dots in ("", ".")):
+                return  # it renders to something that stays: the edge ends here
+            behind_placeholder = True
+            continue
+        stripped = piece.text.lstrip(".") if leading else piece.text.rstrip(".")
+        if stripped != piece.text and behind_placeholder:
+            if leading:
+                piece.dots_before = True
+            else:
+                piece.dots_after = True
+        piece.text = stripped
+        if stripped:
+            return
+
+
+def kafka_topic_pattern(template: str, values: Mapping[str, str] | None = None) -> str:
+    """A regex (for :func:`re.fullmatch`) that every name :func:`kafka_topic` makes of
+    ``template`` rendered (``str.format``) matches: how a probe finds a fleet's topics.
+
+    ``values`` gives, per placeholder name, the regex of what it renders to (legal
+    characters only: ``re.escape(kafka_topic(name))``, say); any other placeholder, or
+    one with a conversion or a format spec, may be any run of legal characters. The
+    character rule is applied to the literal text here; the dots :func:`kafka_topic`
+    strips from either end are matched as the placeholders next to them allow
+    (``{site}/x`` renders to ``paris.x``, or to ``x`` when the site is empty). A
+    superset, then, of the names the template renders to, never less.
+    """
+    values = values or {}
+    pieces: list[_Piece] = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        if literal:
+            pieces.append(_Piece(_ILLEGAL.sub("", literal.replace("/", ".")), literal=True))
+        if name is not None:
+            regex = values.get(name) if not spec and not conversion else None
+            pieces.append(_Piece(ANY_LEGAL if regex is None else regex, literal=False))
+    _strip_edge(pieces, leading=True)
+    _strip_edge(pieces, leading=False)
+    return "".join(
+        r"\.*" * piece.dots_before + re.escape(piece.text) + r"\.*" * piece.dots_after
+        if piece.literal
+        else f"(?:{piece.text})"
+        for piece in pieces
+    )
 
 
 def kafka_error_kind(exc: BaseException) -> str:
@@ -228,6 +297,7 @@ class KafkaAdapter:
                     "{topic}, {message} and {device_id})",
                     kind="configuration",
                 ) from exc
+            self._check_topic_template(self.topic_template)
         compression = str(options.get("compression", "none")).lower()
         if compression not in COMPRESSION:
             raise AdapterError(
@@ -258,6 +328,28 @@ class KafkaAdapter:
         self._start_attempts = 0
         self._start_error: AdapterError | None = None
         self._warned_acks0 = False
+
+    @staticmethod
+    def _check_topic_template(template: str) -> None:
+        """Refuse a template none of whose names Kafka could take: one without
+        placeholders that makes no legal name, or one whose text alone is too long."""
+        rendered = template.format(topic="", message="", device_id="")
+        fixed = _ILLEGAL.sub("", rendered.replace("/", ".")).strip(".")
+        has_placeholders = any(
+            name is not None for _, name, _, _ in string.Formatter().parse(template)
+        )
+        if len(fixed) > MAX_TOPIC_LENGTH:
+            raise AdapterError(
+                f"Kafka topic template {template!r} makes names longer than Kafka's "
+                f"{MAX_TOPIC_LENGTH} characters",
+                kind="configuration",
+            )
+        if not fixed and not has_placeholders:
+            raise AdapterError(
+                f"Kafka topic template {template!r} makes no legal topic name (Kafka takes "
+                "letters, digits, '.', '_' and '-'; '/' becomes '.')",
+                kind="configuration",
+            )
 
     @staticmethod
     def _number(options: Mapping[str, Any], name: str, default: int) -> int:

@@ -28,8 +28,8 @@ import uvloop
 from iotix.adapters.tls import TLSContextCache, TLSSettings
 from iotix.clock import WallClock
 from iotix.engine.message_worker import MessageWorker
-from iotix.engine.probe import Probe
-from iotix.engine.worker import BrokerEndpoint, DeviceAction, RunSettings, Worker
+from iotix.engine.probe import DeliveryTracker, Probe
+from iotix.engine.worker import BrokerEndpoint, DeviceAction, RunConfigError, RunSettings, Worker
 from iotix.errors import IotixError
 from iotix.metrics import Histogram, Snapshot
 from iotix.model.loader import load_model
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Mapping, Sequence
     from multiprocessing.connection import Connection
     from multiprocessing.context import ForkServerContext, SpawnContext
+
+    from iotix.engine.kafka_probe import KafkaProbe
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +105,63 @@ class FleetResult:
     compared across fleets: one protocol each, say)."""
 
 
-class ProbeThread:
-    """The probe subscriber on a thread of its own, beside the supervisor's loop: it
-    must be subscribed before the devices send, and read until they are done.
+PROBE_SCHEMES = frozenset({"mqtt", "kafka"})
+"""Endpoint schemes whose devices a probe can follow: MQTT (a subscriber) and Kafka
+(a consumer). HTTP and CoAP devices send to a server iotix does not see behind."""
 
-    With several endpoints (a scenario whose devices fail over from one broker to
-    another), it subscribes on each, and one tracker counts what arrived anywhere."""
+_PROBE_DOCS = {"http": "http", "https": "http", "coap": "coap", "coaps": "coap"}
+
+KAFKA_STREAM_PREFIX = "kafka:"
+"""Before the streams a Kafka probe tracks: fleets of one model over MQTT and over
+Kafka have devices of the same ids, whose messages must not count as duplicates."""
+
+KAFKA_CATCH_UP_S = 10.0
+"""How long, at the end of a run, a Kafka probe may take to read what was written."""
+
+
+def probe_can_follow(endpoint: BrokerEndpoint) -> bool:
+    """Whether a probe can follow the devices at ``endpoint`` (see :data:`PROBE_SCHEMES`)."""
+    return endpoint.scheme in PROBE_SCHEMES
+
+
+def probe_refusal(endpoint: BrokerEndpoint) -> str | None:
+    """Why a probe cannot follow the devices at ``endpoint``; None when it can."""
+    if probe_can_follow(endpoint):
+        return None
+    doc = _PROBE_DOCS.get(endpoint.scheme, "adapters")
+    return (
+        f"the probe follows MQTT and Kafka devices: it cannot follow {endpoint.scheme}:// "
+        f"devices (see docs/{doc}.md)"
+    )
+
+
+def kafka_probe_pattern(fleets: Sequence[FleetPlan], settings: RunSettings) -> str | None:
+    """The topics a Kafka probe reads: those the Kafka fleets produce to (their models'
+    topics, or their ``topic`` option), as one regex; None when no fleet uses Kafka."""
+    from iotix.engine.kafka_probe import fleet_topic_pattern  # noqa: PLC0415 - aiokafka only for Kafka runs
+
+    patterns = set()
+    for fleet in fleets:
+        brokers: Sequence[BrokerEndpoint] = fleet.overrides.get("brokers", settings.brokers)
+        if not any(endpoint.scheme == "kafka" for endpoint in brokers):
+            continue
+        options = fleet.overrides.get("adapter_options", settings.adapter_options)
+        template = options.get("topic")
+        spec = load_model(fleet.model_path).spec
+        patterns.add(fleet_topic_pattern(spec, None if template is None else str(template)))
+    return "|".join(f"(?:{pattern})" for pattern in sorted(patterns)) or None
+
+
+class ProbeThread:
+    """The probe on a thread of its own, beside the supervisor's loop: it must be
+    reading before the devices send, and read until they are done.
+
+    Each endpoint gets a probe of its kind: a subscriber on an MQTT broker
+    (:class:`~iotix.engine.probe.Probe`), a consumer on a Kafka cluster
+    (:class:`~iotix.engine.kafka_probe.KafkaProbe`, reading the topics that match
+    ``kafka_pattern``: see :func:`kafka_probe_pattern`). One tracker counts what arrived
+    anywhere: a scenario whose devices fail over from one broker to another, or whose
+    fleets use both protocols, gets one delivery summary."""
 
     def __init__(
         self,
@@ -116,16 +169,38 @@ class ProbeThread:
         sample: float,
         tls: TLSSettings | None = None,
         conformance: Callable[[str, bytes], str | None] | None = None,
+        kafka_pattern: str | None = None,
     ) -> None:
         endpoints = [endpoint] if isinstance(endpoint, BrokerEndpoint) else list(endpoint)
+        for at in endpoints:
+            refusal = probe_refusal(at)
+            if refusal is not None:
+                raise RunConfigError(refusal)
         context = None
         if any(e.tls for e in endpoints):
             tls = tls or TLSSettings()
             if tls.per_device:  # the devices' own certificates are theirs: CA only
                 tls = replace(tls, cert_file=None, key_file=None)
             context = TLSContextCache(tls).context_for("iotix-probe", 0)
+        self.tracker = DeliveryTracker()
         self.probes: list[Probe] = []
-        for number, at in enumerate(endpoints):
+        self.kafka_probes: list[KafkaProbe] = []
+        for at in endpoints:
+            if at.scheme == "kafka":
+                from iotix.engine.kafka_probe import KafkaProbe  # noqa: PLC0415 - aiokafka only for Kafka runs
+
+                host = f"[{at.host}]" if ":" in at.host else at.host
+                self.kafka_probes.append(
+                    KafkaProbe(
+                        f"{host}:{at.port}",
+                        pattern=kafka_pattern,
+                        sample=sample,
+                        tracker=self.tracker,
+                        stream_prefix=KAFKA_STREAM_PREFIX,
+                    )
+                )
+                continue
+            number = len(self.probes)
             self.probes.append(
                 Probe(
                     at.host,
@@ -135,11 +210,10 @@ class ProbeThread:
                     ssl_context=context if at.tls else None,
                     server_hostname=tls.server_hostname if tls else None,
                     websocket_path=at.websocket_path,
-                    tracker=self.probes[0].tracker if self.probes else None,
+                    tracker=self.tracker,
                     conformance=conformance,
                 )
             )
-        self.probe = self.probes[0]
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="iotix-probe")
 
@@ -149,12 +223,14 @@ class ProbeThread:
         async def start_all() -> None:
             for probe in self.probes:
                 await probe.start()
+            for kafka_probe in self.kafka_probes:
+                await kafka_probe.start()
 
         try:
             asyncio.run_coroutine_threadsafe(start_all(), self._loop).result(timeout=15)
         except Exception:
             with contextlib.suppress(Exception):
-                self._call(self._stop_all(), timeout_s=5)
+                self._call(self._stop_all(catch_up_s=0), timeout_s=5)
             self._shutdown()
             raise
 
@@ -162,14 +238,33 @@ class ProbeThread:
         """A copy of the end-to-end latency so far (taken on the probe's own thread)."""
 
         async def copy() -> Histogram:
-            return self.probe.tracker.e2e_latency.copy()
+            return self.tracker.e2e_latency.copy()
 
         return self._call(copy(), timeout_s=5)
 
-    async def _stop_all(self) -> dict[str, Any]:
+    async def _stop_all(self, catch_up_s: float = KAFKA_CATCH_UP_S) -> dict[str, Any]:
+        # Records stay in Kafka: read everything written before the end (the devices
+        # are done), for every Kafka probe at once, before anything finishes the tracker.
+        started = [kafka_probe for kafka_probe in self.kafka_probes if kafka_probe.started]
+        if started and catch_up_s > 0:
+            caught = await asyncio.gather(
+                *(kafka_probe.catch_up(catch_up_s) for kafka_probe in started),
+                return_exceptions=True,
+            )
+            for kafka_probe, done in zip(started, caught, strict=True):
+                if done is not True:
+                    logger.warning(
+                        "the Kafka probe at %s did not read every record within %g s (%s): "
+                        "those it did not read are not counted",
+                        kafka_probe.bootstrap_servers,
+                        catch_up_s,
+                        done if isinstance(done, BaseException) else "timed out",
+                    )
         summary: dict[str, Any] = {}
-        for probe in reversed(self.probes):  # the first finishes the shared tracker last
+        for probe in self.probes:
             summary = await probe.stop()
+        for kafka_probe in self.kafka_probes:
+            summary = await kafka_probe.stop(catch_up_s=0)
         return summary
 
     def _call(self, coroutine: Coroutine[Any, Any, T], *, timeout_s: float) -> T:
@@ -177,7 +272,9 @@ class ProbeThread:
 
     def stop(self) -> dict[str, Any]:
         try:
-            summary: dict[str, Any] = self._call(self._stop_all(), timeout_s=15)
+            summary: dict[str, Any] = self._call(
+                self._stop_all(), timeout_s=15 + (KAFKA_CATCH_UP_S if self.kafka_probes else 0)
+            )
         finally:
             self._shutdown()
         return summary
@@ -351,8 +448,9 @@ def run_fleet(
     """Run the fleets in about ``workers`` processes until the duration ends, Ctrl-C,
     or ``stop`` is set (then every worker disconnects its devices and reports).
 
-    With ``probe_sample``, a probe subscriber on the first broker (or on each of
-    ``probe_brokers``) checks delivery for that fraction of the devices; ``on_probe``
+    With ``probe_sample``, a probe on the first broker (or on each of
+    ``probe_brokers``: MQTT brokers and Kafka clusters, see :class:`ProbeThread`)
+    checks delivery for that fraction of the devices; ``on_probe``
     is given it once it has subscribed. A worker that dies is reported in
     ``worker_errors``; ``probe_conformance`` checks each message the probe tracks
     against the device models. With ``on_worker_death="fail"`` the others are stopped at once,
@@ -361,11 +459,14 @@ def run_fleet(
     (where a scenario's timeline begins)."""
     probe = None
     if probe_sample is not None:
+        endpoints = tuple(probe_brokers or settings.brokers[:1])
+        over_kafka = any(endpoint.scheme == "kafka" for endpoint in endpoints)
         probe = ProbeThread(
-            probe_brokers or settings.brokers[0],
+            endpoints,
             probe_sample,
             settings.tls,
             conformance=probe_conformance,
+            kafka_pattern=kafka_probe_pattern(fleets, settings) if over_kafka else None,
         )
         probe.start()
         if on_probe is not None:
@@ -385,7 +486,7 @@ def run_fleet(
         summary = probe.stop() if probe is not None else None
     if probe is not None:
         result.probe = summary
-        result.snapshot.e2e_latency = probe.probe.tracker.e2e_latency
+        result.snapshot.e2e_latency = probe.tracker.e2e_latency
     return result
 
 

@@ -31,6 +31,10 @@ assignment grows, and read old records again. :meth:`KafkaProbe.catch_up` waits 
 it has read everything written so far; :meth:`KafkaProbe.stop` does that (for at most
 ``catch_up_s``), then finishes the tracker and returns its summary.
 
+`iotix run --probe` and scenarios run one beside MQTT probes, on the same tracker
+(:class:`~iotix.engine.fleet.ProbeThread`), reading the topics the fleets' models
+produce to (:func:`fleet_topic_pattern`).
+
 A broker that loses its storage while the probe runs (Tansu with memory storage,
 restarted) restarts its offsets at 0; the probe then reads the partitions from their
 new start, but seqs sent while it was down are lost, and counted so.
@@ -51,19 +55,29 @@ from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-unt
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
 
+from iotix.adapters.kafka import kafka_topic, kafka_topic_pattern
 from iotix.engine.probe import (
     SAMPLE_BUCKETS,
     DeliveryTracker,
+    ProbeStartError,
     parse_json_payload,
     sample_buckets,
 )
-from iotix.errors import IotixError
+from iotix.model.runtime import DEFAULT_EVENT_TOPIC, DEFAULT_TOPIC
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
     from types import TracebackType
 
-__all__ = ["KafkaProbe", "KafkaProbeError", "record_identity", "record_stream"]
+    from iotix.model.spec import DeviceModelSpec
+
+__all__ = [
+    "KafkaProbe",
+    "KafkaProbeError",
+    "fleet_topic_pattern",
+    "record_identity",
+    "record_stream",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +89,7 @@ _FETCH_WAIT_MS = 100
 """How long one fetch round waits for records: the probe's reaction time to a stop."""
 
 
-class KafkaProbeError(IotixError):
+class KafkaProbeError(ProbeStartError):
     """The probe could not reach the Kafka cluster at ``bootstrap_servers``."""
 
     def __init__(self, message: str, *, bootstrap_servers: str) -> None:
@@ -128,6 +142,29 @@ def record_stream(topic: str, headers: Mapping[str, bytes]) -> str:
     return topic.rpartition(".")[2]
 
 
+def fleet_topic_pattern(spec: DeviceModelSpec, topic_template: str | None = None) -> str:
+    """The regex of every topic a Kafka fleet of ``spec`` devices produces to: its
+    messages' and events' topics (the model's templates, or the adapter's ``topic``
+    option, ``topic_template``) made legal as :func:`~iotix.adapters.kafka.kafka_topic`
+    does. Placeholders that vary per device (``{device_id}``, attributes) match any
+    legal text, so the pattern may take in a few topics the fleet does not use, but
+    never misses one it does (see :func:`~iotix.adapters.kafka.kafka_topic_pattern`)."""
+    model = re.escape(kafka_topic(spec.name))
+    outlets = [(name, message.topic or DEFAULT_TOPIC) for name, message in spec.messages.items()]
+    outlets += [(name, event.topic or DEFAULT_EVENT_TOPIC) for name, event in spec.events.items()]
+    topics = set()
+    for name, template in outlets:
+        escaped = re.escape(kafka_topic(name))
+        topics.add(
+            kafka_topic_pattern(template, {"message": escaped, "event": escaped, "model": model})
+        )
+    any_topic = "|".join(f"(?:{topic})" for topic in sorted(topics))
+    if topic_template is None:
+        return any_topic
+    names = "|".join(sorted({re.escape(kafka_topic(name)) for name, _ in outlets}))
+    return kafka_topic_pattern(topic_template, {"topic": any_topic, "message": names})
+
+
 # ---------------------------------------------------------------------------------------
 # The async shell
 # ---------------------------------------------------------------------------------------
@@ -142,7 +179,9 @@ class KafkaProbe:
     :func:`~iotix.engine.probe.in_sample`) are counted in ``skipped``; ``records``
     counts every record read; ``errors`` counts, by exception name, what went wrong
     while reading (a broker that went away), which the probe outlives. The receive time
-    is ``wall_clock()``, epoch seconds.
+    is ``wall_clock()``, epoch seconds. ``stream_prefix`` goes before every stream's
+    name: a tracker shared with an MQTT probe keeps the Kafka fleets' streams apart from
+    those of MQTT fleets whose devices have the same ids (two fleets of one model).
     """
 
     def __init__(
@@ -158,6 +197,7 @@ class KafkaProbe:
         refresh_s: float = 0.5,
         request_timeout_s: float = 10.0,
         client_id: str | None = None,
+        stream_prefix: str = "",
     ) -> None:
         if topics and pattern is not None:
             raise ValueError("a Kafka probe reads topics or a pattern, not both")
@@ -170,6 +210,7 @@ class KafkaProbe:
         self.tracker = tracker if tracker is not None else DeliveryTracker()
         self.from_beginning = from_beginning
         self.refresh_s = refresh_s
+        self.stream_prefix = stream_prefix
         self.records = 0
         self.skipped = 0
         self.errors: dict[str, int] = {}
@@ -227,6 +268,11 @@ class KafkaProbe:
             ) from exc
         self._discover_at = time.monotonic() + self.refresh_s
         self._task = asyncio.create_task(self._consume(), name="kafka-probe")
+
+    @property
+    def started(self) -> bool:
+        """Whether the probe is reading (started, and not stopped yet)."""
+        return self._task is not None
 
     async def catch_up(self, timeout_s: float = 10.0) -> bool:
         """Wait until every record written to the probe's topics so far has been read
@@ -330,9 +376,8 @@ class KafkaProbe:
             ):
                 self.skipped += 1
                 continue
-            tracker.observe(
-                device_id, record_stream(record.topic, headers), seq, ts_ms, received_epoch_s
-            )
+            stream = self.stream_prefix + record_stream(record.topic, headers)
+            tracker.observe(device_id, stream, seq, ts_ms, received_epoch_s)
 
     def _assign(self, partitions: frozenset[Any]) -> None:
         """Read ``partitions`` from the probe's own positions: assigning resets every

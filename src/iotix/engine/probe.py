@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from iotix.adapters.mqtt import open_connection
+from iotix.errors import IotixError
 from iotix.metrics import Histogram
 from iotix.protocols.mqtt.packets import ProtocolVersion, Subscription
 from iotix.protocols.mqtt.session import MessageReceivedEvent, SessionSettings
@@ -78,6 +79,11 @@ SCHEMA_ERROR_EXAMPLES = 5
 # ---------------------------------------------------------------------------------------
 # The pure core
 # ---------------------------------------------------------------------------------------
+
+
+class ProbeStartError(IotixError):
+    """A probe could not start reading where the devices send (the Kafka probe's
+    cluster unreachable, say): the run cannot measure delivery, so it does not begin."""
 
 
 class _StreamWindow:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from iotix.engine.commander import Commander, CommandTracker, command_targets
+from iotix.engine.fleet import probe_can_follow
 from iotix.engine.results import summarise
 from iotix.engine.worker import DeviceAction, in_share
 from iotix.errors import IotixError
@@ -256,14 +257,16 @@ class Conductor:
             proxy.wait_ready()
 
     def probe_brokers(self) -> list[BrokerEndpoint]:
-        """Where the probe subscribes: every MQTT broker a fleet uses or fails over to."""
+        """Where the probe reads: every MQTT broker and Kafka cluster a fleet uses or
+        fails over to (see :func:`~iotix.engine.fleet.probe_can_follow`), directly (not
+        through the fault proxies)."""
         names = {fleet.broker for fleet in self.scenario.fleets} | {
             a.to for a in self.scenario.actions if isinstance(a, FailoverActionSpec)
         }
         found: list[BrokerEndpoint] = []
         for name in sorted(names):
             for endpoint in self.brokers[name]:
-                if endpoint.is_mqtt and endpoint not in found:
+                if probe_can_follow(endpoint) and endpoint not in found:
                     found.append(endpoint)
         return found
 

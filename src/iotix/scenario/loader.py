@@ -24,10 +24,12 @@ from pydantic import ValidationError
 from iotix.adapters.base import AdapterSettings
 from iotix.adapters.registry import adapter_for
 from iotix.engine.credentials import CREDENTIALS_HINT, CredentialsError, read_credentials
+from iotix.engine.fleet import probe_can_follow
 from iotix.engine.stages import Stage, StagesError, StageSpec, parse_stage_specs
 from iotix.engine.worker import BrokerEndpoint, RunConfigError, parse_brokers
 from iotix.errors import IotixError, ModelError, ModelIssue
 from iotix.model.loader import LoadedModel, load_model, read_document
+from iotix.model.protocols import protocol_refusal
 from iotix.model.spec import SETTABLE_KINDS
 from iotix.scenario.checks import (
     COMMAND_METRICS,
@@ -278,6 +280,9 @@ class _Checker:
             if broker is None or model is None or broker not in endpoints:
                 continue
             timeout_s, retries = self._adapter(i, fleet, endpoints[broker])
+            refusal = protocol_refusal(model, str(endpoints[broker][0]))
+            if refusal is not None:  # the model does not declare this broker's protocol
+                self.add(("fleets", i, "broker"), str(refusal))
             loaded.append(
                 LoadedFleet(
                     name=fleet.name,
@@ -771,11 +776,15 @@ def load_scenario_data(
     checker.faults(duration_s)
     checker.transports(fleets)
     checker.actions(fleets, duration_s)
-    if spec.probe is not None and fleets and not any(f.brokers[0].is_mqtt for f in fleets):
+    if (
+        spec.probe is not None
+        and fleets
+        and not any(probe_can_follow(f.brokers[0]) for f in fleets)
+    ):
         checker.add(
             ("probe",),
-            "the probe subscribes over MQTT, and no fleet of this scenario uses MQTT",
-            "remove probe:, or add an MQTT fleet",
+            "the probe follows MQTT and Kafka devices, and no fleet of this scenario uses either",
+            "remove probe:, or add an MQTT or Kafka fleet (see docs/scenarios.md)",
         )
     fault_names, action_names = checker.timeline()
     check_specs = spec.check_specs()
@@ -822,6 +831,11 @@ def with_brokers(scenario: LoadedScenario, urls: Mapping[str, str]) -> LoadedSce
             parsed[name] = parse_brokers(url)
         except RunConfigError as exc:
             issues.append(ModelIssue(("brokers", name), str(exc), hint=_BROKER_HINT))
+    for fleet in scenario.fleets:  # a model must declare its new broker's protocol
+        if fleet.broker in parsed:
+            refusal = protocol_refusal(fleet.model, str(parsed[fleet.broker][0]))
+            if refusal is not None:
+                issues.append(ModelIssue(("brokers", fleet.broker), str(refusal)))
     if issues:
         raise ScenarioError(issues)
     spec = scenario.spec.model_copy(update={"brokers": {**scenario.spec.brokers, **urls}})
