@@ -172,8 +172,11 @@ class MessageWorker:
                 now = self.clock.now_s()
                 if deadline is not None and now >= deadline:
                     return
-                for message in self.batch.advance(now):
-                    self._dispatch(message, now)
+                messages = self.batch.advance(now)
+                if messages:
+                    sent_ms = str(round((self.clock.start_epoch_s + now) * 1000))
+                    for message in messages:
+                        self._dispatch(message, now, sent_ms)
                 wake = max(min(self.batch.next_due_s(), now + 0.25), now + self.settings.tick_s)
                 if deadline is not None:
                     wake = min(wake, deadline)
@@ -221,27 +224,27 @@ class MessageWorker:
         qos = message.qos if self.settings.qos is None else self.settings.qos
         return qos > 0 or self._always_confirms
 
-    def _dispatch(self, message: Message, now: float) -> None:
+    def _dispatch(self, message: Message, now: float, sent_ms: str) -> None:
+        """Hand one due message to its device (``sent_ms``: the tick's wall-clock time
+        in milliseconds, for the message's headers)."""
         row = message.device_index - self.first_index
         link = self.links[row]
         confirm = self._confirms(message)
         qos = 1 if confirm else 0
-        self.counters.count_sent(qos, len(message.payload))
-        self.schedule_lag.record(max(now - message.due_s, 0.0))
+        counters = self.counters
+        counters.count_sent(qos, len(message.payload))
+        lag = now - message.due_s
+        self.schedule_lag.record(lag if lag > 0.0 else 0.0)
         if link is None:
-            self.counters.count_failed(qos)
-            self.counters.count_error("not sent: device not connected")
+            counters.count_failed(qos)
+            counters.count_error("not sent: device not connected")
             return
         outgoing = OutgoingMessage(
             message.topic,
             message.payload,
-            confirm=confirm,
-            key=message.device_id,
-            headers={
-                "iotix-ts-ms": str(round((self.clock.start_epoch_s + now) * 1000)),
-                "iotix-name": message.name,
-                "iotix-seq": str(message.seq),
-            },
+            confirm,
+            message.device_id,
+            {"iotix-ts-ms": sent_ms, "iotix-name": message.name, "iotix-seq": str(message.seq)},
         )
         queue = self._queues.get(row)
         if queue is not None:  # the device is busy: its message waits its turn
