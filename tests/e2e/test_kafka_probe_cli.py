@@ -11,10 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
-from iotix.testing.tansu import TansuBroker, find_tansu
+from iotix.testing.tansu import TansuBroker, find_tansu, read_records
 
 if TYPE_CHECKING:
     import subprocess
@@ -44,38 +42,6 @@ def fast_thermostat(tmp_path: Path) -> Path:
     path = tmp_path / "thermostat.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
-
-
-async def count_records(bootstrap_servers: str) -> int:
-    """How many records the broker holds on every non-internal topic: each partition
-    read from its start to its end offset."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
-    try:
-        described = await admin.describe_topics(await admin.list_topics())
-    finally:
-        await admin.close()
-    partitions = [
-        TopicPartition(topic["topic"], partition["partition"])
-        for topic in described
-        if not topic["topic"].startswith("__")
-        for partition in topic["partitions"]
-    ]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
-    )
-    await consumer.start()
-    try:
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        count = 0
-        async with asyncio.timeout(20):
-            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
-                count += sum(len(b) for b in (await consumer.getmany(timeout_ms=200)).values())
-    finally:
-        await consumer.stop()
-    return count
 
 
 def run_json(run_cli: RunCLI, tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -118,7 +84,7 @@ def test_run_over_kafka_with_a_probe_accounts_for_every_record(
     assert (probe["lost"], probe["duplicates"], probe["unparseable"]) == (0, 0, 0)
     assert summary["latency_s"]["e2e_latency"]["count"] == probe["unique"]
     # And the broker holds exactly that many, as an independent consumer counts them.
-    assert asyncio.run(count_records(tansu.bootstrap_servers)) == probe["unique"]
+    assert len(asyncio.run(read_records(tansu.bootstrap_servers))) == probe["unique"]
     assert f"probe: {probe['unique']:,} of {probe['expected']:,} expected" in output
 
 

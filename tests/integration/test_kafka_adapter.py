@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from broker_helpers import port_is_free, until
 
 from iotix.adapters.base import (
@@ -34,7 +32,7 @@ from iotix.engine.kafka_probe import KafkaProbe, KafkaProbeError, fleet_topic_pa
 from iotix.engine.message_worker import MessageWorker
 from iotix.engine.worker import RunSettings, parse_brokers
 from iotix.model.loader import load_model_data
-from iotix.testing.tansu import TansuBroker, find_tansu
+from iotix.testing.tansu import TansuBroker, find_tansu, read_records
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -79,44 +77,10 @@ def fast_thermostat() -> LoadedModel:
     return load_model_data(data, file=THERMOSTAT)
 
 
-async def read_all(bootstrap_servers: str) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of every topic, read partition by partition up to its end offset."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
-    try:
-        described = await admin.describe_topics(await admin.list_topics())
-    finally:
-        await admin.close()
-    partitions = [
-        TopicPartition(topic["topic"], partition["partition"])
-        for topic in described
-        if not topic["topic"].startswith("__")
-        for partition in topic["partitions"]
-    ]
-    if not partitions:
-        return []
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
-    )
-    await consumer.start()
-    records: list[ConsumerRecord[bytes, bytes]] = []
-    try:
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        async with asyncio.timeout(20):
-            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
-                for batch in (await consumer.getmany(timeout_ms=200)).values():
-                    records.extend(batch)
-    finally:
-        await consumer.stop()
-    return records
-
-
 async def read_at_least(bootstrap_servers: str, count: int, timeout_s: float = 10.0) -> int:
     """How many records there are, read again until there are ``count`` or more."""
     async with asyncio.timeout(timeout_s):
-        while len(records := await read_all(bootstrap_servers)) < count:
+        while len(records := await read_records(bootstrap_servers)) < count:
             pass
     return len(records)
 
@@ -148,7 +112,7 @@ def test_tansu_answers_kafka_and_restarts_empty_on_the_same_port(
             link = await adapter.connect(DeviceIdentity("d1", 0))
             delivery = await link.send(message("d1", 0))
             assert delivery.confirmed, delivery
-        return sorted({record.topic for record in await read_all(broker.bootstrap_servers)})
+        return sorted({record.topic for record in await read_records(broker.bootstrap_servers)})
 
     broker = TansuBroker(binary=tansu_binary)
     with broker:
@@ -157,7 +121,7 @@ def test_tansu_answers_kafka_and_restarts_empty_on_the_same_port(
         broker.restart()
         assert broker.port == port
         assert broker.pid != pid
-        assert asyncio.run(read_all(broker.bootstrap_servers)) == []  # memory storage
+        assert asyncio.run(read_records(broker.bootstrap_servers)) == []  # memory storage
     assert not broker.running
     assert broker.directory is None
     assert port_is_free(broker.host, port)
@@ -182,7 +146,7 @@ def test_each_record_is_keyed_by_its_device_with_the_iotix_headers(tansu: TansuB
     deliveries = asyncio.run(scenario())
     assert all(d.sent and d.confirmed and d.error is None for d in deliveries)
     assert all(d.latency_s is not None and d.latency_s > 0 for d in deliveries)
-    records = asyncio.run(read_all(tansu.bootstrap_servers))
+    records = asyncio.run(read_records(tansu.bootstrap_servers))
     assert len(records) == 50
     seqs: dict[str, list[int]] = defaultdict(list)
     partitions: dict[str, set[int]] = defaultdict(set)
@@ -214,7 +178,7 @@ def test_the_topic_option_puts_every_device_in_one_topic(tansu: TansuBroker) -> 
                 assert (await link.send(message(device_id, 0, name="overheat"))).confirmed
 
     asyncio.run(scenario())
-    records = asyncio.run(read_all(tansu.bootstrap_servers))
+    records = asyncio.run(read_records(tansu.bootstrap_servers))
     assert sorted((r.topic, r.key) for r in records) == [
         ("iotix.overheat", b"a"),
         ("iotix.overheat", b"b"),
@@ -233,7 +197,7 @@ def test_characters_kafka_does_not_allow_are_dropped_from_the_topic(tansu: Tansu
             assert nothing_left == Delivery(sent=False, error="kafka invalid topic")
 
     asyncio.run(scenario())
-    records = asyncio.run(read_all(tansu.bootstrap_servers))
+    records = asyncio.run(read_records(tansu.bootstrap_servers))
     assert [r.topic for r in records] == ["sites.Zrich1.d.telemetry"]
     assert "iotix-seq" not in headers_of(records[0])  # the payload has no seq
 
@@ -307,7 +271,7 @@ def test_thermostats_over_kafka_every_acked_record_arrives_in_order(tansu: Tansu
     assert counters.connects == devices
     assert counters.messages_failed == 0, counters.errors_by_kind
     assert counters.messages_sent == counters.messages_acked
-    records = asyncio.run(read_all(tansu.bootstrap_servers))
+    records = asyncio.run(read_records(tansu.bootstrap_servers))
     assert len(records) == counters.messages_acked
     seqs: dict[tuple[str, bytes], list[int]] = defaultdict(list)
     for record in records:

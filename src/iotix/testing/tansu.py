@@ -42,6 +42,7 @@ Nothing here is shared between brokers: no module-level state.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import logging
@@ -55,7 +56,10 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
+
+from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
 
 from iotix.errors import IotixError
 from iotix.testing.process import log_tail, read_log_since, stop_process
@@ -63,7 +67,7 @@ from iotix.testing.process import log_tail, read_log_since, stop_process
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["TansuBroker", "TansuError", "TansuNotFoundError", "find_tansu"]
+__all__ = ["TansuBroker", "TansuError", "TansuNotFoundError", "find_tansu", "read_records"]
 
 _log = logging.getLogger(__name__)
 
@@ -375,6 +379,42 @@ class TansuBroker:
             self._final_log = self.log_text()
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+
+async def read_records(bootstrap_servers: str, timeout_s: float = 20.0) -> list[Any]:
+    """Every record of every topic but Kafka's internal ones (``__…``), read partition by
+    partition from its start up to the end offset it had when reading began (aiokafka
+    ``ConsumerRecord``s): what a test checks a run's records against."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(await admin.list_topics())
+    finally:
+        await admin.close()
+    partitions = [
+        TopicPartition(topic["topic"], partition["partition"])
+        for topic in described
+        if not topic["topic"].startswith("__")
+        for partition in topic["partitions"]
+    ]
+    if not partitions:
+        return []
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        async with asyncio.timeout(timeout_s):
+            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
 
 
 class _LaunchError(TansuError):
