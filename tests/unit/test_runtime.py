@@ -464,6 +464,35 @@ def test_command_refused_by_accept_when_is_rejected_and_changes_nothing() -> Non
     assert payloads(replies)[-1]["level"] == 1
 
 
+@pytest.mark.parametrize("payload", [[1, 2], 5, "high", {}, {"value": "high"}])
+def test_a_payload_the_handler_cannot_read_is_invalid_and_changes_nothing(payload: Any) -> None:
+    device = commanded()
+    status = device.handle_command(0, "set_level", payload, 0.5)
+    assert status is CommandStatus.INVALID
+    replies = device.advance(1.0)
+    assert json.loads(replies[0].payload)["status"] == "invalid_payload"
+    assert payloads(replies)[-1]["level"] == 1
+
+
+def test_a_reply_that_reads_an_unreadable_payload_is_sent_plain() -> None:
+    commands = {
+        "handlers": {
+            "echo": {"reply": {"values": {"asked": "payload.value"}}},
+            "set_level": COMMANDS["handlers"]["set_level"],
+        }
+    }
+    fields = {"level": {"kind": "constant", "value": 1}}
+    device = batch(model(fields, commands=commands))
+    assert device.handle_command(0, "echo", {"value": 7}, 0.5) is CommandStatus.OK
+    assert device.handle_command(0, "echo", [7], 0.5) is CommandStatus.INVALID
+    ok, invalid = (
+        json.loads(m.payload) for m in device.advance(0.5) if m.kind is MessageKind.REPLY
+    )
+    assert (ok["status"], ok["asked"]) == ("ok", 7)
+    assert invalid["status"] == "invalid_payload"
+    assert "asked" not in invalid
+
+
 def test_unknown_command_gets_an_unknown_reply() -> None:
     device = commanded()
     assert device.handle_command(0, "selfdestruct", {}, 0.5) is CommandStatus.UNKNOWN

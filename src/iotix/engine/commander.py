@@ -5,8 +5,8 @@ A device model's ``commands`` section says where each device listens
 (``devices/{device_id}/replies/{command}``, or a handler's own ``reply.topic``; no
 reply at all for a handler with ``reply: null``). A worker's devices subscribe to
 their command topic and publish the reply, a JSON object with ``device_id``,
-``command`` and ``status`` (``ok``, ``rejected``, ``unknown_command``) unless the model
-shapes the payload itself.
+``command`` and ``status`` (``ok``, ``rejected``, ``invalid_payload``,
+``unknown_command``) unless the model shapes the payload itself.
 
 - :func:`command_targets` renders, for devices of a model, the topic a command goes to
   and the topic its reply comes back on. Attributes such as ``{site}`` are drawn from

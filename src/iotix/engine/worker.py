@@ -1026,6 +1026,11 @@ class Worker:
         if match is None:
             return
         counters = self.counters
+        if event.retain:
+            # Only a message the broker kept and hands over on subscribing comes with
+            # retain set (a live one arrives without it): an old command, not one for now.
+            counters.count_error("command ignored: retained")
+            return
         counters.commands_received += 1
         try:
             payload = orjson.loads(event.payload) if event.payload else {}

@@ -108,6 +108,9 @@ class CommandStatus(enum.Enum):
     OK = "ok"
     REJECTED = "rejected"
     UNKNOWN = "unknown_command"
+    INVALID = "invalid_payload"
+    """The handler's expressions could not read the command's payload (not an object,
+    a key missing, a wrong type): the device refuses it and changes nothing."""
     OFFLINE = "offline"
 
 
@@ -793,32 +796,52 @@ class DeviceBatch:
             return CommandStatus.OFFLINE
         env = _CommandEnv(self, row, now_s, payload)
         status = CommandStatus.OK
-        if handler.accept is not None and not bool(_scalar(_evaluate(handler.accept, env))):
-            status = CommandStatus.REJECTED
+        try:
+            # Every value the command sets is read before any is set: a payload the
+            # handler cannot read changes nothing.
+            accepted = handler.accept is None or bool(_scalar(_evaluate(handler.accept, env)))
+            values = (
+                {name: _scalar(_evaluate(source, env)) for name, source in handler.sets.items()}
+                if accepted
+                else {}
+            )
+        except ExpressionError:
+            status = CommandStatus.INVALID
         else:
-            self._apply_command(handler, env)
+            if accepted:
+                self._apply_command(handler, env, values)
+            else:
+                status = CommandStatus.REJECTED
         if handler.reply_encoder is None:
             return status
         # Replies see the device as the command left it (a new setpoint, a new state).
         after = _CommandEnv(self, row, now_s, payload)
-        values = {name: _scalar(_evaluate(e, after)) for name, e in handler.reply_values.items()}
+        encoder, template = handler.reply_encoder, handler.reply_topic
+        try:
+            values = {
+                name: _scalar(_evaluate(e, after)) for name, e in handler.reply_values.items()
+            }
+        except ExpressionError:
+            # A reply that reads the payload cannot be written for one it cannot read:
+            # the plain reply (command and status) says so instead.
+            status = CommandStatus.INVALID
+            values, encoder = {}, self._encoders[(MessageKind.REPLY, "*")]
         self._queue_reply(
             after,
             command=command,
             status=status,
             values=values,
             due_s=now_s + _for_row(handler.reply_delay_s, row),
-            encoder=handler.reply_encoder,
-            template=handler.reply_topic,
+            encoder=encoder,
+            template=template,
         )
         return status
 
-    def _apply_command(self, handler: _Command, env: _CommandEnv) -> None:
+    def _apply_command(self, handler: _Command, env: _CommandEnv, values: dict[str, Any]) -> None:
         rows = env.rows
         row = int(rows[0])
         now_s = float(env.t[0])
-        for name, source in handler.sets.items():
-            value = _scalar(_evaluate(source, env))
+        for name, value in values.items():
             for generator in self._settable(name):
                 generator.set(rows, value)
             self._remember(name, rows, np.asarray([value]))
