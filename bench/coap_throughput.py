@@ -57,10 +57,10 @@ parts (``--parts``), in this order:
       sending its own pre-encoded NON PUT (the path and payload the model made for that
       device, encoded by :func:`iotix.protocols.coap.encode`) once per round of all
       sockets, as fast as it can, taking the responses between rounds;
-    - ``iotix worker`` NON: the worker, its clock a :class:`SaturatingClock` that never
-      runs more than the worker's tick (20 ms) past the earliest send still due, as in
-      ``mqtt_throughput.py``: the worker always has a tick of schedule to send and
-      sends it as fast as it can, without an ever larger catch-up;
+    - ``iotix worker`` NON: the worker, its clock a :class:`~harness.BenchClock` that
+      never runs more than the worker's tick (20 ms) past the earliest send still due,
+      as in ``mqtt_throughput.py``: the worker always has a tick of schedule to send
+      and sends it as fast as it can, without an ever larger catch-up;
     - ``plain asyncio`` CON: each endpoint keeps one pre-encoded CON in flight and
       sends it again as soon as its ACK comes (NSTART 1, as a device does);
     - ``iotix worker`` CON (QoS 1): the same clock, which also stands still while more
@@ -96,6 +96,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from harness import (
+    BenchClock,
+    Sample,
+    Window,
+    cpu_seconds,
+    first_messages,
+    pin_and_print_machine,
+    pin_process,
+    proc_sizes,
+    raise_open_file_limit,
+    room_sensor_fields,
+    run_loop,
+    stop_process,
+    wait_until,
+)
 from iotix.clock import WallClock
 from iotix.engine.message_worker import MessageWorker
 from iotix.engine.worker import RunSettings, parse_brokers
@@ -112,15 +127,6 @@ from iotix.protocols.coap import (
     path_options,
 )
 from iotix.testing.coap import LibCoAPServer
-from mqtt_scale import cpu_seconds
-from mqtt_throughput import (
-    machine,
-    pin_cores,
-    pin_process,
-    raise_open_file_limit,
-    run_loop,
-    wait_until,
-)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -132,7 +138,6 @@ TARGET_INTERVAL_S = 10.0
 LAG_P99_BAR_S = 0.250  # issue 3's bar for MQTT, the only one the project has set
 BASE_PATH = "bench"  # coap://127.0.0.1:PORT/bench: the devices' paths start with it
 TICK_S = RunSettings.tick_s  # the worker's tick: the lead of the saturating clock
-BOUND_REFRESH_S = 0.0005  # how stale the clock's lead bound may be (a numpy min)
 BACKLOG_PER_DEVICE = 2  # CON: messages sent and not yet confirmed, per device, at most
 SETUP_TIMEOUT_S = 120.0
 LOG_QUIET_S = 1.0  # coap-server's log unchanged this long: it has written everything
@@ -149,31 +154,7 @@ def coap_model(interval_s: float, jitter_s: float) -> dict[str, Any]:
     return {
         "name": "coap_sensor",
         "id": "sensor-{index:05d}",
-        "fields": {
-            "temperature": {
-                "kind": "random_walk",
-                "start": {"kind": "gaussian", "mean": 21, "stddev": 1.5},
-                "step": 0.1,
-                "mean": 21,
-                "reversion": 0.05,
-                "min": -20,
-                "max": 60,
-                "round": 2,
-            },
-            "humidity": {
-                "kind": "wave",
-                "shape": "sine",
-                "period_s": 86400,
-                "amplitude": 8,
-                "offset": 45,
-                "noise": 0.5,
-                "round": 1,
-            },
-            "pressure": {"kind": "gaussian", "mean": 1013.25, "stddev": 2, "round": 1},
-            "co2": {"kind": "uniform", "low": 400, "high": 900, "round": 0},
-            "battery": {"kind": "counter", "start": 100, "step": -0.01, "round": 2},
-            "status": {"kind": "constant", "value": "ok"},
-        },
+        "fields": room_sensor_fields(),
         "messages": {
             "telemetry": {
                 "topic": "devices/{device_id}/telemetry",
@@ -214,11 +195,7 @@ class Memory:
 
     @staticmethod
     def now() -> Memory:
-        found = {}
-        for line in Path("/proc/self/smaps_rollup").read_text(encoding="ascii").splitlines():
-            key, _, value = line.partition(":")
-            if key in ("Pss", "Rss", "Anonymous"):
-                found[key] = int(value.split()[0]) * 1024
+        found = proc_sizes("smaps_rollup", ("Pss", "Rss", "Anonymous"))
         return Memory(found["Pss"], found["Rss"], found["Anonymous"])
 
     def peak(self, other: Memory) -> Memory:
@@ -296,12 +273,7 @@ class Sink:
         return cpu_seconds([self.process.pid])
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         for pipe in (self.process.stdin, self.process.stdout):
             if pipe is not None:
                 pipe.close()
@@ -618,11 +590,9 @@ async def measure_window(
     failed, errors = (
         (0, {}) if counters is None else (counters.messages_failed, dict(counters.errors_by_kind))
     )
-    sent, confirmed = counts()
-    wall, cpu = time.monotonic(), time.process_time()
+    start = Sample.take(*counts())
     await asyncio.sleep(args.ceiling_seconds)
-    end_sent, end_confirmed = counts()
-    wall_s, cpu_s = time.monotonic() - wall, time.process_time() - cpu
+    window = Window(start, Sample.take(*counts()))
     if counters is not None:
         failed = counters.messages_failed - failed
         errors = {
@@ -634,10 +604,10 @@ async def measure_window(
         kind,
         contender,
         sockets,
-        wall_s,
-        cpu_s,
-        end_sent - sent,
-        end_confirmed - confirmed,
+        window.wall_s,
+        window.cpu_s,
+        window.sent,
+        window.acked,
         the_sink.counts()[column] - sink_start,
         (udp_drops(the_sink.port) or 0) - drops,
         the_sink.cpu_s() - sink_cpu,
@@ -651,12 +621,7 @@ def prebuilt_datagrams(model: dict[str, Any], devices: int, *, confirm: bool) ->
     a payload the model made for it), encoded once; CON with a 4-byte token."""
     spec = load_model_data(model).spec
     batch = DeviceBatch(spec, indices=list(range(devices)), seed=0)
-    first: dict[int, Any] = {}
-    now = 0.0
-    while len(first) < devices:
-        now += 0.01
-        for message in batch.advance(now):
-            first.setdefault(message.device_index, message)
+    first = first_messages(batch, 0.01)
     content_format = (int(OptionNumber.CONTENT_FORMAT), encode_uint(int(ContentFormat.JSON)))
     datagrams = []
     for index in range(devices):
@@ -777,69 +742,11 @@ async def plain(
             transport.close()
 
 
-class SaturatingClock:
-    """Wall-clock seconds for a saturated worker, with brakes (``mqtt_throughput.py``'s
-    BenchClock, plus a backlog brake for confirmable messages):
-
-    - it stands still (at 0) until :meth:`release`, so that no device sends before
-      every device is connected;
-    - it never runs more than ``lead_s`` past the earliest send still due in the batch,
-      so a worker that cannot keep up gets ``lead_s`` of schedule at a time, sent as
-      fast as it can, instead of an ever larger catch-up;
-    - with ``backlog``, it stands still while that many messages are sent (handed to
-      the devices) and not yet confirmed or failed: a device has one CON exchange at a
-      time, and what is due while it waits queues behind it.
-    """
-
-    def __init__(self, lead_s: float, backlog: int | None = None) -> None:
-        self._lead_s = lead_s
-        self._backlog = backlog
-        self._batch: DeviceBatch | None = None
-        self._counters: Counters | None = None
-        self._origin = time.monotonic()
-        self._start_epoch_s = time.time()
-        self._held = True
-        self._last = 0.0
-        self._bound = 0.0
-        self._bound_at = -math.inf
-
-    @property
-    def start_epoch_s(self) -> float:
-        return self._start_epoch_s
-
-    def follow(self, batch: DeviceBatch, counters: Counters) -> None:
-        self._batch, self._counters = batch, counters
-
-    def release(self) -> None:
-        self._origin = time.monotonic() - self._last
-        self._held = False
-
-    def now_s(self) -> float:
-        if self._held:
-            return self._last
-        counters = self._counters
-        if (
-            self._backlog is not None
-            and counters is not None
-            and counters.messages_sent - counters.messages_acked - counters.messages_failed
-            >= self._backlog
-        ):
-            return self._last
-        now = time.monotonic() - self._origin
-        if self._batch is not None:
-            if now - self._bound_at > BOUND_REFRESH_S:
-                self._bound = self._batch.next_due_s() + self._lead_s
-                self._bound_at = now
-            now = min(now, self._bound)
-        self._last = max(self._last, now)
-        return self._last
-
-
 async def iotix(
     port: int, the_sink: Sink, args: argparse.Namespace, *, confirm: bool
 ) -> CeilingResult:
     devices = args.ceiling_devices
-    clock = SaturatingClock(TICK_S, BACKLOG_PER_DEVICE * devices if confirm else None)
+    clock = BenchClock(TICK_S, BACKLOG_PER_DEVICE * devices if confirm else None)
     model = coap_model(args.ceiling_interval, jitter_s=0.0)
     worker = worker_for(
         model, devices, f"coap://127.0.0.1:{port}/{BASE_PATH}", clock, args, qos=int(confirm)
@@ -973,10 +880,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     limit = raise_open_file_limit()
-    client_core, server_core = pin_cores(pin=not args.no_pin)
-    print(
-        f"# coap_throughput: {machine(server_core, client_core)}; open-file limit "
-        f"{limit:,} per process"
+    _, server_core = pin_and_print_machine(
+        "coap_throughput", pin=not args.no_pin, note=f"; open-file limit {limit:,} per process"
     )
     sys.stdout.flush()
     started = time.monotonic()

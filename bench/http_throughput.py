@@ -31,23 +31,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import socket
 import statistics
 import subprocess
 import sys
 import textwrap
-import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 import uvloop
 
-from iotix.clock import WallClock
-from iotix.engine.message_worker import MessageWorker
-from iotix.engine.worker import RunSettings, parse_brokers
-from iotix.model.loader import load_model_data
+from harness import (
+    SENSOR_BODY,
+    Result,
+    measure,
+    measure_message_worker,
+    pin_cores,
+    print_rates,
+    stop_process,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -91,51 +93,6 @@ SERVER = textwrap.dedent(
     """
 )
 
-BODY = (
-    b'{"device_id":"bench-00001","ts_ms":1700000000000,"seq":1,"temperature":21.37,'
-    b'"humidity":45.2,"setpoint":21.0,"heating":false,"battery":99.5,"status":"ok"}'
-)
-
-MODEL: dict[str, Any] = {
-    "name": "bench",
-    "id": "bench-{index:05d}",
-    "fields": {
-        "temperature": {"kind": "random_walk", "start": 21, "step": 0.1, "round": 2},
-        "humidity": {"kind": "uniform", "low": 40, "high": 50, "round": 1},
-        "setpoint": {"kind": "constant", "value": 21.0},
-        "heating": {"kind": "expression", "expr": "temperature < setpoint"},
-        "battery": {"kind": "counter", "start": 100, "step": -0.01, "round": 2},
-        "status": {"kind": "constant", "value": "ok"},
-    },
-    "messages": {
-        "telemetry": {
-            "topic": "devices/{device_id}/telemetry",
-            "schedule": {"kind": "interval", "interval_s": 0.1},
-            "qos": 1,
-        }
-    },
-}
-
-
-@dataclass
-class Result:
-    name: str
-    requests: int
-    wall_s: float
-    cpu_s: float
-
-    @property
-    def rate(self) -> float:
-        return self.requests / self.wall_s
-
-    @property
-    def cpu_per_request_us(self) -> float:
-        return self.cpu_s / self.requests * 1e6 if self.requests else float("nan")
-
-    @property
-    def per_cpu_s(self) -> float:
-        return self.requests / self.cpu_s if self.cpu_s else float("nan")
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -155,20 +112,7 @@ def server(core: int | None) -> Iterator[int]:
             raise RuntimeError("the sink server did not start")
         yield port
     finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-async def measure(name: str, count: list[int], settle_s: float, seconds: float) -> Result:
-    await asyncio.sleep(settle_s)
-    start_count, start_wall, start_cpu = count[0], time.perf_counter(), time.process_time()
-    await asyncio.sleep(seconds)
-    return Result(
-        name,
-        count[0] - start_count,
-        time.perf_counter() - start_wall,
-        time.process_time() - start_cpu,
-    )
+        stop_process(process)
 
 
 async def plain(port: int, args: argparse.Namespace, *, closed: bool) -> Result:
@@ -186,7 +130,7 @@ async def plain(port: int, args: argparse.Namespace, *, closed: bool) -> Result:
                 if not closed:
                     await asyncio.sleep(max(due - loop.time(), 0.0))
                     due += args.interval
-                async with session.post(url, data=BODY, headers=headers) as response:
+                async with session.post(url, data=SENSOR_BODY, headers=headers) as response:
                     await response.read()
                 count[0] += 1
 
@@ -206,41 +150,8 @@ async def plain(port: int, args: argparse.Namespace, *, closed: bool) -> Result:
 
 
 async def iotix(port: int, args: argparse.Namespace) -> Result:
-    model = dict(MODEL)
-    model["messages"] = {
-        "telemetry": {
-            **MODEL["messages"]["telemetry"],
-            "schedule": {"kind": "interval", "interval_s": args.interval},
-        }
-    }
-    worker = MessageWorker(
-        load_model_data(model),
-        range(args.devices),
-        RunSettings(
-            devices=args.devices,
-            brokers=parse_brokers(f"http://127.0.0.1:{port}/api"),
-            connect_rate_hz=100_000,
-        ),
-        WallClock(),
-    )
-    stop = asyncio.Event()
-    running = asyncio.create_task(worker.run(stop))
-    count = [0]
-
-    async def follow() -> None:
-        while True:
-            count[0] = worker.counters.messages_acked
-            await asyncio.sleep(0.01)
-
-    follower = asyncio.create_task(follow())
-    result = await measure("iotix MessageWorker", count, args.settle, args.seconds)
-    stop.set()
-    await running
-    follower.cancel()
-    counters = worker.counters
-    if counters.messages_failed:
-        print(f"  (iotix: {counters.messages_failed} failed: {counters.errors_by_kind})")
-    return result
+    url = f"http://127.0.0.1:{port}/api"
+    return await measure_message_worker(url, "devices/{device_id}/telemetry", args)
 
 
 def main() -> None:
@@ -253,11 +164,7 @@ def main() -> None:
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--repeat", type=int, default=15, help="alternate the two N times")
     args = parser.parse_args()
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    client_core = server_core = None
-    if not args.no_pin and len(cores) >= 2:
-        client_core, server_core = cores[0], cores[1]
-        os.sched_setaffinity(0, {client_core})
+    client_core, server_core = pin_cores(pin=not args.no_pin)
     offered = args.devices / args.interval
     print(
         f"HTTP devices: {args.devices} devices every {args.interval:g} s "
@@ -280,12 +187,7 @@ def main() -> None:
             ratios.append(ours.per_cpu_s / baseline.per_cpu_s)
         if args.max:
             results.append(uvloop.run(plain(port, args, closed=True)))
-    print(f"{'':32} {'req/s':>10} {'CPU µs/req':>11} {'req/CPU-s':>10}")
-    for result in results:
-        print(
-            f"{result.name:32} {result.rate:>10,.0f} {result.cpu_per_request_us:>11.1f} "
-            f"{result.per_cpu_s:>10,.0f}"
-        )
+    print_rates(results, "req/s", "CPU µs/req", "req/CPU-s")
     ratio = statistics.median(ratios)
     print(
         f"iotix / plain, requests per CPU-second: {ratio:.3f}"

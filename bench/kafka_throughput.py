@@ -26,71 +26,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import time
-from dataclasses import dataclass
-from typing import Any
 
 import uvloop
 from aiokafka import AIOKafkaProducer
 
-from iotix.clock import WallClock
-from iotix.engine.message_worker import MessageWorker
-from iotix.engine.worker import RunSettings, parse_brokers
-from iotix.model.loader import load_model_data
+from harness import (
+    SENSOR_BODY,
+    Result,
+    measure,
+    measure_message_worker,
+    pin_cores,
+    pin_process,
+    print_rates,
+)
 from iotix.testing.tansu import TansuBroker
 
-BODY = (
-    b'{"device_id":"bench-00001","ts_ms":1700000000000,"seq":1,"temperature":21.37,'
-    b'"humidity":45.2,"setpoint":21.0,"heating":false,"battery":99.5,"status":"ok"}'
-)
 TOPIC = "devices.bench.telemetry"
-
-MODEL: dict[str, Any] = {
-    "name": "bench",
-    "id": "bench-{index:05d}",
-    "fields": {
-        "temperature": {"kind": "random_walk", "start": 21, "step": 0.1, "round": 2},
-        "humidity": {"kind": "uniform", "low": 40, "high": 50, "round": 1},
-        "setpoint": {"kind": "constant", "value": 21.0},
-        "heating": {"kind": "expression", "expr": "temperature < setpoint"},
-        "battery": {"kind": "counter", "start": 100, "step": -0.01, "round": 2},
-        "status": {"kind": "constant", "value": "ok"},
-    },
-    "messages": {"telemetry": {"topic": "devices/bench/telemetry", "qos": 1}},
-}
-
-
-@dataclass
-class Result:
-    name: str
-    records: int
-    wall_s: float
-    cpu_s: float
-
-    @property
-    def rate(self) -> float:
-        return self.records / self.wall_s
-
-    @property
-    def cpu_per_record_us(self) -> float:
-        return self.cpu_s / self.records * 1e6 if self.records else float("nan")
-
-    @property
-    def per_cpu_s(self) -> float:
-        return self.records / self.cpu_s if self.cpu_s else float("nan")
-
-
-async def measure(name: str, count: list[int], settle_s: float, seconds: float) -> Result:
-    await asyncio.sleep(settle_s)
-    start_count, start_wall, start_cpu = count[0], time.perf_counter(), time.process_time()
-    await asyncio.sleep(seconds)
-    return Result(
-        name,
-        count[0] - start_count,
-        time.perf_counter() - start_wall,
-        time.process_time() - start_cpu,
-    )
 
 
 async def plain(bootstrap: str, args: argparse.Namespace) -> Result:
@@ -106,7 +57,7 @@ async def plain(bootstrap: str, args: argparse.Namespace) -> Result:
         while not stop.is_set():
             await asyncio.sleep(max(due - loop.time(), 0.0))
             due += args.interval
-            await producer.send_and_wait(TOPIC, BODY, key=key)
+            await producer.send_and_wait(TOPIC, SENSOR_BODY, key=key)
             count[0] += 1
 
     tasks = [asyncio.create_task(device(i)) for i in range(args.devices)]
@@ -118,38 +69,6 @@ async def plain(bootstrap: str, args: argparse.Namespace) -> Result:
         await producer.stop()
 
 
-async def iotix(url: str, args: argparse.Namespace) -> Result:
-    model = dict(MODEL)
-    telemetry = {**MODEL["messages"]["telemetry"]}
-    telemetry["schedule"] = {"kind": "interval", "interval_s": args.interval}
-    model["messages"] = {"telemetry": telemetry}
-    worker = MessageWorker(
-        load_model_data(model),
-        range(args.devices),
-        RunSettings(devices=args.devices, brokers=parse_brokers(url), connect_rate_hz=100_000),
-        WallClock(),
-    )
-    stop = asyncio.Event()
-    running = asyncio.create_task(worker.run(stop))
-    count = [0]
-
-    async def follow() -> None:
-        while True:
-            count[0] = worker.counters.messages_acked
-            await asyncio.sleep(0.01)
-
-    follower = asyncio.create_task(follow())
-    result = await measure("iotix MessageWorker", count, args.settle, args.seconds)
-    stop.set()
-    await running
-    follower.cancel()
-    if worker.counters.messages_failed:
-        print(
-            f"  (iotix: {worker.counters.messages_failed} failed: {worker.counters.errors_by_kind})"
-        )
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--devices", type=int, default=200)
@@ -158,33 +77,26 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--no-pin", action="store_true")
     args = parser.parse_args()
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    pinned = not args.no_pin and len(cores) >= 2
     with TansuBroker() as broker:
-        if pinned:
-            os.sched_setaffinity(0, {cores[0]})
-            if broker.pid is not None:
-                os.sched_setaffinity(broker.pid, {cores[1]})
+        # Pinned after the broker has started, so that it does not inherit this core.
+        client_core, server_core = pin_cores(pin=not args.no_pin)
+        if broker.pid is not None:
+            pin_process(broker.pid, server_core)
         print(
             f"Kafka devices: {args.devices} devices every {args.interval:g} s "
             f"(offered {args.devices / args.interval:,.0f} records/s), acks=1, into Tansu; "
-            f"client on core {cores[0] if pinned else None}, broker on core "
-            f"{cores[1] if pinned else None}; {args.seconds:g} s after {args.settle:g} s"
+            f"client on core {client_core}, broker on core {server_core}; "
+            f"{args.seconds:g} s after {args.settle:g} s"
         )
         results = [
             uvloop.run(plain(broker.bootstrap_servers, args)),
-            uvloop.run(iotix(broker.url, args)),
+            uvloop.run(measure_message_worker(broker.url, "devices/bench/telemetry", args)),
         ]
-    print(f"{'':32} {'records/s':>10} {'CPU µs/rec':>11} {'rec/CPU-s':>10}")
-    for result in results:
-        print(
-            f"{result.name:32} {result.rate:>10,.0f} {result.cpu_per_record_us:>11.1f} "
-            f"{result.per_cpu_s:>10,.0f}"
-        )
+    print_rates(results, "records/s", "CPU µs/rec", "rec/CPU-s")
     baseline, ours = results
     print(
         f"iotix / plain, records per CPU-second: {ours.per_cpu_s / baseline.per_cpu_s:.3f} "
-        f"(iotix costs {ours.cpu_per_record_us / baseline.cpu_per_record_us - 1:+.1%} CPU "
+        f"(iotix costs {ours.cpu_per_item_us / baseline.cpu_per_item_us - 1:+.1%} CPU "
         "per record)"
     )
 

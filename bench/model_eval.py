@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from harness import cpu_model, pin_cores, print_header
 from iotix.model.loader import load_model
 from iotix.model.runtime import DEFAULT_EVENT_TOPIC, DEFAULT_TOPIC, DeviceBatch, Message
 from iotix.model.runtime import MessageKind as Kind
@@ -105,19 +106,7 @@ class Measurement:
     speedup: float  # the batch's values/s divided by this contender's (1.0 for the batch)
 
 
-# --- the harness ----------------------------------------------------------------------
-
-
-def pin_to_one_core() -> int | None:
-    """Run on one CPU so that "per core" is honest; None where the OS does not allow it."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    try:
-        core = min(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {core})
-    except OSError:
-        return None
-    return core
+# --- the race -------------------------------------------------------------------------
 
 
 def race(
@@ -596,16 +585,8 @@ def benchmark_model(
 
 def machine() -> dict[str, str]:
     """What the figures were measured on."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "nproc": str(os.cpu_count()),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -617,8 +598,7 @@ def print_table(results: list[Measurement]) -> None:
         f"{'model':<12} {'path':<8} {'implementation':<19} {'devices':>8} "
         f"{'field values/s':>15} {'messages/s':>12} {'batch / this':>13}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in results:
         messages = f"{r.messages_per_s:,.0f}" if r.path == "advance" else "-"
         speedup = "1 (itself)" if r.implementation == BATCH else f"{r.speedup:,.1f}x"
@@ -648,14 +628,19 @@ def default_models() -> list[Path]:
     return [path for path in (THERMOSTAT, PLC) if path == THERMOSTAT or path.exists()]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """``--model PATH``, repeatable: the models :func:`default_models` stands in for."""
     parser.add_argument(
         "--model",
         action="append",
         type=Path,
         help="model file (repeatable); default: thermostat, and the PLC when present",
     )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    add_model_option(parser)
     parser.add_argument("--devices", type=int, default=10_000, help="devices in the batch")
     parser.add_argument(
         "--baseline-devices",
@@ -674,7 +659,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     args = parse_args(argv)
-    core = None if args.no_pin else pin_to_one_core()
+    core, _ = pin_cores(pin=not args.no_pin)
     facts = machine()
     print(
         f"# model_eval: {facts['cpu']}, nproc {facts['nproc']}, "

@@ -40,8 +40,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness import print_header, proc_sizes
 from iotix.model.loader import load_model
-from model_eval import default_models, machine, new_batch, round_step_s
+from model_eval import add_model_option, default_models, machine, new_batch, round_step_s
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -78,13 +79,9 @@ class MemoryMeasurement:
 def rss_bytes(field: str = "VmRSS") -> int:
     """A size from /proc/self/status (``VmRSS``, ``VmHWM``); 0 where there is none."""
     try:
-        status = Path("/proc/self/status").read_text(encoding="utf-8")
+        return proc_sizes("status", (field,)).get(field, 0)
     except OSError:
         return 0
-    for line in status.splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024  # the kernel reports kB
-    return 0
 
 
 def reset_peak_rss() -> None:
@@ -181,8 +178,7 @@ def print_table(results: list[MemoryMeasurement]) -> None:
         f"{'built B/dev':>12} {'kept B/dev':>11} {'untrimmed':>10} {'peak B/dev':>11} "
         f"{'kept MiB':>9}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in results:
         print(
             f"{r.model:<12} {r.method:<12} {r.devices:>8,} {r.messages:>9,} "
@@ -204,12 +200,7 @@ def print_verdict(results: list[MemoryMeasurement]) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument(
-        "--model",
-        action="append",
-        type=Path,
-        help="model file (repeatable); default: thermostat, and the PLC when present",
-    )
+    add_model_option(parser)
     parser.add_argument("--devices", type=int, default=100_000, help="devices in the batch")
     parser.add_argument("--rounds", type=int, default=3, help="send periods to advance")
     parser.add_argument(

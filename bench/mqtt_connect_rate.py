@@ -29,6 +29,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from harness import (
+    pin_and_print_machine,
+    pin_process,
+    print_header,
+    print_profile,
+    require_open_files,
+    run_loop,
+)
 from iotix.clock import WallClock
 from iotix.engine.worker import BrokerEndpoint, RunSettings, Worker, parse_brokers
 from iotix.metrics import Histogram
@@ -36,16 +44,7 @@ from iotix.model.loader import load_model_data
 from iotix.model.runtime import DeviceBatch
 from iotix.protocols.mqtt.packets import Connect, ProtocolVersion, encode
 from iotix.testing import MosquittoBroker
-from mqtt_throughput import (
-    CONNACK_OK,
-    bench_model,
-    machine,
-    pin_cores,
-    pin_process,
-    print_profile,
-    raise_open_file_limit,
-    run_loop,
-)
+from mqtt_throughput import RawMQTTClient, bench_model
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -92,34 +91,12 @@ def broker_address(url: str | None, core: int | None) -> Iterator[tuple[str, int
 # --- the raw client -------------------------------------------------------------------
 
 
-class _RawClient(asyncio.Protocol):
-    def __init__(self, connect_frame: bytes) -> None:
-        self._connect_frame = connect_frame
-        self.transport: asyncio.BaseTransport | None = None
-        self.connack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        transport.write(self._connect_frame)  # type: ignore[attr-defined]  # a stream
-
-    def data_received(self, data: bytes) -> None:
-        if not self.connack.done():
-            if data[:4] == CONNACK_OK:
-                self.connack.set_result(None)
-            else:
-                self.connack.set_exception(ConnectionError(f"refused: {data[:4].hex()}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.connack.done():
-            self.connack.set_exception(exc or ConnectionError("closed before CONNACK"))
-
-
 async def raw_connect(
     host: str, port: int, frames: Sequence[bytes], concurrency: int
 ) -> Measurement:
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(concurrency)
-    clients: list[_RawClient] = []
+    clients: list[RawMQTTClient] = []
     latency = Histogram()
     last = [0.0]
     failures = 0
@@ -129,7 +106,7 @@ async def raw_connect(
         async with slots:
             started = time.monotonic()
             try:
-                _, client = await loop.create_connection(lambda: _RawClient(frame), host, port)
+                _, client = await loop.create_connection(lambda: RawMQTTClient(frame), host, port)
                 clients.append(client)
                 await client.connack
             except OSError:
@@ -149,7 +126,7 @@ async def raw_connect(
     finally:
         for client in clients:
             if client.transport is not None:
-                client.transport.abort()  # type: ignore[attr-defined]  # a stream
+                client.transport.abort()
     await asyncio.sleep(0)
     p50, p99 = latency.percentiles([50, 99])
     elapsed = last[0] - first
@@ -225,8 +202,7 @@ def print_table(results: Sequence[Measurement]) -> None:
         f"{'contender':<13} {'connections':>11} {'seconds':>8} {'conn/s':>9} "
         f"{'failures':>8} {'latency p50 ms':>14} {'p99 ms':>8} {'CPU %':>6} {'ratio':>7}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in results:
         ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
         print(
@@ -267,16 +243,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 < args.devices <= MAX_DEVICES:
         parser.error(f"--devices must be between 1 and {MAX_DEVICES:,} (open-file limit)")
-    limit = raise_open_file_limit()
-    if args.devices + 100 > limit:
-        parser.error(f"--devices {args.devices} needs more open files than the limit {limit}")
+    require_open_files(parser, args.devices + 100, args.devices)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     args = parse_args(argv)
-    client_core, server_core = pin_cores(pin=not args.no_pin)
-    print(f"# mqtt_connect_rate: {machine(server_core, client_core)}")
+    _, server_core = pin_and_print_machine("mqtt_connect_rate", pin=not args.no_pin)
     print(
         f"# {args.devices:,} connections per run, {args.concurrency} attempts in flight, "
         f"worker connect_rate_hz {args.rate_hz:g}, best of {args.repeats} alternating runs, "

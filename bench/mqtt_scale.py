@@ -84,7 +84,6 @@ import os
 import pickle
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -96,30 +95,31 @@ from typing import TYPE_CHECKING, Any, Self
 
 import orjson
 
+from harness import (
+    cpu_seconds,
+    figure,
+    first_messages,
+    pin_and_print_machine,
+    print_header,
+    proc_sizes,
+    raise_open_file_limit,
+    room_sensor_fields,
+)
 from iotix.engine.fleet import FleetPlan, plan_shards, run_fleet
 from iotix.engine.worker import BrokerEndpoint, RunSettings
 from iotix.model.loader import load_model, load_model_data
 from iotix.model.runtime import DeviceBatch
-from iotix.protocols.mqtt.packets import (
-    ConnAck,
-    Connect,
-    PacketReader,
-    ProtocolVersion,
-    Publish,
-    Subscribe,
-    Subscription,
-    encode,
-    encode_publish,
-)
+from iotix.protocols.mqtt.packets import Connect, ProtocolVersion, encode, encode_publish
 from iotix.testing import MosquittoBroker
-from mqtt_throughput import machine, raise_open_file_limit
+from mqtt_throughput import hang_up, read_sys
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable, Iterator, Sequence
     from multiprocessing.connection import Connection
-    from types import TracebackType
 
     from iotix.metrics import Snapshot
+    from iotix.protocols.mqtt.packets import Publish
 
 # The targets of issue 3.
 TARGET_DEVICES = 100_000
@@ -154,7 +154,6 @@ BROKER_CONFIG = (
     "log_type warning",
     "log_type information",
 )
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 RAW = "raw asyncio"
 IOTIX = "iotix fleet"
@@ -167,31 +166,7 @@ def scale_model(interval_s: float) -> dict[str, Any]:
         "name": "scale_sensor",
         "id": "sensor-{index:06d}",
         "attributes": {"site": {"kind": "choice", "values": ["paris", "berlin", "madrid", "oslo"]}},
-        "fields": {
-            "temperature": {
-                "kind": "random_walk",
-                "start": {"kind": "gaussian", "mean": 21, "stddev": 1.5},
-                "step": 0.1,
-                "mean": 21,
-                "reversion": 0.05,
-                "min": -20,
-                "max": 60,
-                "round": 2,
-            },
-            "humidity": {
-                "kind": "wave",
-                "shape": "sine",
-                "period_s": 86400,
-                "amplitude": 8,
-                "offset": 45,
-                "noise": 0.5,
-                "round": 1,
-            },
-            "pressure": {"kind": "gaussian", "mean": 1013.25, "stddev": 2, "round": 1},
-            "co2": {"kind": "uniform", "low": 400, "high": 900, "round": 0},
-            "battery": {"kind": "counter", "start": 100, "step": -0.01, "round": 2},
-            "status": {"kind": "constant", "value": "ok"},
-        },
+        "fields": room_sensor_fields(),
         "messages": {
             "telemetry": {
                 "topic": "bench/{site}/sensors/{device_id}/telemetry",
@@ -256,38 +231,23 @@ class Measurement:
 # --- processes, from /proc ----------------------------------------------------------
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime of ``pids`` (those that still exist), in seconds."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
-            # The command name may hold spaces and parentheses: split after the last ')'.
-            fields = stat.rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
-
-
 def _kib_sum(pids: Sequence[int], file: str, key: str) -> int:
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/{file}").read_text(encoding="ascii").splitlines():
-                if line.startswith(key):
-                    total += int(line.split()[1]) * 1024
-                    break
+            total += proc_sizes(file, (key,), pid).get(key, 0)
     return total
 
 
 def rss_bytes(pids: Sequence[int]) -> int:
     """The sum of ``VmRSS`` of ``pids`` (those that still exist)."""
-    return _kib_sum(pids, "status", "VmRSS:")
+    return _kib_sum(pids, "status", "VmRSS")
 
 
 def pss_bytes(pids: Sequence[int]) -> int:
     """The sum of the proportional set sizes of ``pids``: pages shared between the
     processes (libraries) counted once in all."""
-    return _kib_sum(pids, "smaps_rollup", "Pss:")
+    return _kib_sum(pids, "smaps_rollup", "Pss")
 
 
 def _children(parent: int) -> list[tuple[int, bytes]]:
@@ -400,59 +360,21 @@ class BrokerStats:
         }
 
     def __enter__(self) -> Self:
-        sock = socket.create_connection(self._address, timeout=10)
-        try:
-            reader = self._subscribe(sock)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
-        self._thread = threading.Thread(
-            target=self._read, args=(sock, reader), name="broker-stats", daemon=True
+        client_id = f"iotix-scale-sys-{self._address[1]}"
+        topics = tuple(self.readings)
+        self._sock, self._thread = read_sys(
+            self._address, client_id, topics, self._on_publish, "broker-stats"
         )
-        self._thread.start()
         return self
 
-    def _subscribe(self, sock: socket.socket) -> PacketReader:
-        version = ProtocolVersion.V311
-        client_id = f"iotix-scale-sys-{self._address[1]}"
-        sock.sendall(encode(Connect(client_id, keepalive_s=0), version))
-        reader = PacketReader(version)
-        packets: list[Any] = []
-        while not packets:
-            data = sock.recv(4096)
-            if not data:
-                raise ConnectionError(f"the broker at {self._address} closed the connection")
-            packets = reader.feed(data)
-        if not isinstance(packets[0], ConnAck) or packets[0].reason_code != 0:
-            raise ConnectionError(f"the broker at {self._address} refused: {packets[0]}")
-        topics = (Subscription(RECEIVED_TOPIC), Subscription(CONNECTED_TOPIC))
-        sock.sendall(encode(Subscribe(1, topics), version))
-        sock.settimeout(None)
-        return reader
+    def _on_publish(self, at: float, packet: Publish) -> None:
+        if packet.topic in self.readings:
+            with self._changed:
+                self.readings[packet.topic].append((at, int(packet.payload)))
+                self._changed.notify_all()
 
-    def _read(self, sock: socket.socket, reader: PacketReader) -> None:
-        with contextlib.suppress(OSError):
-            while data := sock.recv(65536):
-                at = time.monotonic()
-                for packet in reader.feed(data):
-                    if isinstance(packet, Publish) and packet.topic in self.readings:
-                        with self._changed:
-                            self.readings[packet.topic].append((at, int(packet.payload)))
-                            self._changed.notify_all()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
-        if self._thread is not None:
-            self._thread.join(5)
+    def __exit__(self, *exc: object) -> None:
+        hang_up(self._sock, self._thread)
 
     def wait_for(self, topic: str, condition: Callable[[int], bool], timeout_s: float) -> int:
         """The latest count of ``topic`` once it meets ``condition``."""
@@ -821,12 +743,7 @@ def prebuilt_frames(model_data: dict[str, Any], devices: int, keepalive_s: int) 
     if template is None:
         raise ValueError("the scale model's telemetry has no topic")
     sample = DeviceBatch(spec, indices=list(range(min(devices, 1_000))), seed=0)
-    payloads: dict[int, bytes] = {}
-    now = 0.0
-    while len(payloads) < sample.size:
-        now += 0.5
-        for message in sample.advance(now):
-            payloads.setdefault(message.device_index, message.payload)
+    payloads = {row: message.payload for row, message in first_messages(sample, 0.5).items()}
     version = ProtocolVersion.V311
     frames = []
     for row, device_id in enumerate(batch.device_ids):
@@ -1170,12 +1087,6 @@ def run_iotix(
 # --- reporting ----------------------------------------------------------------------
 
 
-def _f(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
-    if value is None or math.isnan(value):
-        return "-"
-    return f"{value * scale:,.{digits}f}"
-
-
 def _ratio(ours: float | None, theirs: float | None) -> str:
     if ours is None or theirs is None or math.isnan(ours) or math.isnan(theirs) or not theirs:
         return "-"
@@ -1188,16 +1099,15 @@ def print_table(results: Sequence[Measurement]) -> None:
         f"{'conn/s':>7} {'held s':>6} {'KiB/dev':>7} {'CPU %':>6} {'sent':>10} "
         f"{'received':>10} {'lag p50 ms':>10} {'lag p99 ms':>10}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in results:
         received = "-" if r.received is None else f"{r.received:,}"
         print(
             f"{r.contender:<12} {r.devices:>8,} {r.processes:>5} {r.connected:>9,} "
-            f"{_f(r.connect_s, digits=2):>7} {_f(r.per_s):>7} {_f(r.hold_s):>6} "
-            f"{_f(r.bytes_per_device, 1 / 1024, 2):>7} {_f(r.cpu_share, 100, 1):>6} "
-            f"{r.sent:>10,} {received:>10} {_f(r.lag_p50_s, 1000, 1):>10} "
-            f"{_f(r.lag_p99_s, 1000, 1):>10}"
+            f"{figure(r.connect_s, digits=2):>7} {figure(r.per_s):>7} {figure(r.hold_s):>6} "
+            f"{figure(r.bytes_per_device, 1 / 1024, 2):>7} {figure(r.cpu_share, 100, 1):>6} "
+            f"{r.sent:>10,} {received:>10} {figure(r.lag_p50_s, 1000, 1):>10} "
+            f"{figure(r.lag_p99_s, 1000, 1):>10}"
         )
     found = {r.contender: r for r in results}
     raw, ours = found.get(RAW), found.get(IOTIX)
@@ -1217,7 +1127,7 @@ def print_notes(r: Measurement) -> None:
     mib = 1 / 2**20
     print(
         f"# {r.contender}: {r.connected:,} of {r.devices:,} connected, the last "
-        f"{_f(r.launch_s, digits=2)} s after the processes were started; "
+        f"{figure(r.launch_s, digits=2)} s after the processes were started; "
         f"{r.connect_failures:,} failed connection attempts, "
         f"{r.lost_during_hold:,} connections lost during the hold"
     )
@@ -1225,21 +1135,25 @@ def print_notes(r: Measurement) -> None:
         print("#   memory, CPU: not sampled (no hold)")
     else:
         print(
-            f"#   memory: PSS {_f(r.pss_max_bytes * mib, digits=1)} MiB at most (RSS "
-            f"{_f(r.rss_max_bytes * mib, digits=1)} MiB, shared pages counted per process); "
-            f"by RSS, {_f(r.fixed_bytes * mib, digits=1)} MiB fixed ({r.processes} freshly "
+            f"#   memory: PSS {figure(r.pss_max_bytes * mib, digits=1)} MiB at most (RSS "
+            f"{figure(r.rss_max_bytes * mib, digits=1)} MiB, shared pages counted per process); "
+            f"by RSS, {figure(r.fixed_bytes * mib, digits=1)} MiB fixed ({r.processes} freshly "
             f"started processes before any device) + "
-            f"{_f(r.marginal_bytes_per_device, 1 / 1024, 2)} KiB per device, "
+            f"{figure(r.marginal_bytes_per_device, 1 / 1024, 2)} KiB per device, "
             f"projected at {TARGET_DEVICES:,} devices in "
             f"{math.ceil(TARGET_DEVICES / CONNECTIONS_PER_PROCESS)} processes: "
-            f"{_f(projected, 1 / 1024, 2)} KiB per device"
+            f"{figure(projected, 1 / 1024, 2)} KiB per device"
         )
         print(
-            f"#   during the hold: the brokers {_f(r.broker_cpu_share, 100, 1)} % CPU, "
-            f"{_f(r.broker_rss_max_bytes * mib, digits=0)} MiB RSS; this process (the harness"
+            f"#   during the hold: the brokers {figure(r.broker_cpu_share, 100, 1)} % CPU, "
+            f"{figure(r.broker_rss_max_bytes * mib, digits=0)} MiB RSS; this process (the harness"
             f"{', the fleet supervisor' if r.contender == IOTIX else ''}) "
-            f"{_f(r.harness_cpu_share, 100, 1)} % CPU"
-            + (f"; schedule lag max {_f(r.lag_max_s, 1000, 1)} ms" if r.contender == IOTIX else "")
+            f"{figure(r.harness_cpu_share, 100, 1)} % CPU"
+            + (
+                f"; schedule lag max {figure(r.lag_max_s, 1000, 1)} ms"
+                if r.contender == IOTIX
+                else ""
+            )
         )
     for problem in r.problems:
         print(f"#   problem: {problem}")
@@ -1262,7 +1176,7 @@ def verdicts(results: Sequence[Measurement], brokers: int) -> list[str]:
 
     def against(attribute: str, unit: str, scale: float = 1.0, digits: int = 2) -> str:
         value = math.nan if raw is None else getattr(raw, attribute)
-        return "" if math.isnan(value) else f" (raw {_f(value, scale, digits)}{unit})"
+        return "" if math.isnan(value) else f" (raw {figure(value, scale, digits)}{unit})"
 
     full = ours.connected == ours.devices
     held = full and not ours.lost_during_hold and not math.isnan(ours.cpu_share)
@@ -1276,34 +1190,34 @@ def verdicts(results: Sequence[Measurement], brokers: int) -> list[str]:
     lines += [
         _verdict(
             f"scale: {ours.devices:,} devices against {brokers} Mosquittos, {ours.connected:,} "
-            f"connected, held {_f(ours.hold_s)} s, {ours.lost_during_hold:,} lost (target "
+            f"connected, held {figure(ours.hold_s)} s, {ours.lost_during_hold:,} lost (target "
             f"{TARGET_DEVICES:,} against {TARGET_BROKERS} or more for {TARGET_HOLD_S:g} s)",
             met=size_met and held and ours.hold_s >= TARGET_HOLD_S - 1.0,
         ),
         _verdict(
-            f"connect: every device connected in {_f(ours.connect_s, digits=2)} s"
+            f"connect: every device connected in {figure(ours.connect_s, digits=2)} s"
             f"{against('connect_s', ' s')} (target {TARGET_CONNECT_S:g} s)",
             met=full and _at_most(ours.connect_s, TARGET_CONNECT_S),
         ),
         _verdict(
-            f"schedule lag during the hold: p99 {_f(ours.lag_p99_s, 1000, 1)} ms "
+            f"schedule lag during the hold: p99 {figure(ours.lag_p99_s, 1000, 1)} ms "
             f"(target {TARGET_LAG_P99_S * 1000:g} ms)",
             met=_at_most(ours.lag_p99_s, TARGET_LAG_P99_S),
         ),
         _verdict(
-            f"memory: {_f(ours.bytes_per_device, 1 / 1024, 2)} KiB per device"
+            f"memory: {figure(ours.bytes_per_device, 1 / 1024, 2)} KiB per device"
             f"{against('bytes_per_device', ' KiB', 1 / 1024)}"
             + (
                 ""
                 if ours.devices >= TARGET_DEVICES
                 else f", projected at {TARGET_DEVICES:,} (from RSS, an upper bound): "
-                f"{_f(ours.projected_bytes_per_device(TARGET_DEVICES), 1 / 1024, 2)} KiB"
+                f"{figure(ours.projected_bytes_per_device(TARGET_DEVICES), 1 / 1024, 2)} KiB"
             )
             + f" (target {TARGET_BYTES_PER_DEVICE / 1024:g} KiB)",
             met=_at_most(ours.bytes_per_device, TARGET_BYTES_PER_DEVICE),
         ),
         _verdict(
-            f"CPU during the hold: {_f(ours.cpu_share, 100, 1)} % of one core"
+            f"CPU during the hold: {figure(ours.cpu_share, 100, 1)} % of one core"
             f"{against('cpu_share', ' %', 100, 1)} (target {TARGET_CPU_SHARE:.0%})",
             met=_at_most(ours.cpu_share, TARGET_CPU_SHARE),
         ),
@@ -1414,7 +1328,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     args = parse_args(argv)
     limit = raise_open_file_limit()
-    print(f"# mqtt_scale: {machine(None, None)}; open-file limit {limit:,} per process")
+    pin_and_print_machine("mqtt_scale", pin=False, note=f"; open-file limit {limit:,} per process")
     print(
         f"# {args.devices:,} devices, {args.brokers} Mosquittos, hold {args.hold:g} s, "
         f"QoS 0 JSON telemetry every {args.interval:g} s, keepalive {args.keepalive} s, "

@@ -52,12 +52,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import io
 import math
-import os
-import platform
-import pstats
-import resource
 import signal
 import socket
 import subprocess
@@ -65,11 +60,22 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self
 
-import uvloop
-
+from harness import (
+    BenchClock,
+    Sample,
+    Window,
+    figure,
+    first_messages,
+    pin_and_print_machine,
+    pin_process,
+    print_header,
+    print_profile,
+    require_open_files,
+    run_loop,
+    wait_until,
+)
 from iotix.engine.worker import BrokerEndpoint, RunSettings, Worker, parse_brokers
 from iotix.model.loader import load_model_data
 from iotix.model.runtime import DeviceBatch
@@ -87,7 +93,7 @@ from iotix.protocols.mqtt.packets import (
 from iotix.testing import MosquittoBroker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from types import TracebackType
 
     from iotix.metrics import Histogram
@@ -102,9 +108,6 @@ CONNECT_CONCURRENCY = 64  # attempts in flight per endpoint (Mosquitto's backlog
 CONNECT_TIMEOUT_S = 60.0
 BATCH_FRAMES = 64  # pre-built frames per write of the raw writers (about 10 KB)
 PUMP_WRITES = 16  # writes per connection before the raw writer lets the others run
-BOUND_REFRESH_S = 0.0005  # how stale the BenchClock's lead bound may be
-
-T = TypeVar("T")
 
 RAW = "raw frames"
 IOTIX = "iotix worker"
@@ -168,147 +171,72 @@ class Measurement:
         return self.sent_per_s / self.cpu_share if self.cpu_share else math.nan
 
 
-# --- the harness ----------------------------------------------------------------------
+# --- the broker's own count ---------------------------------------------------------
 
 
-def pin_cores(*, pin: bool) -> tuple[int | None, int | None]:
-    """Pin this process to one CPU; return it and another CPU for the servers (the
-    broker, the sink), so that sender and receiver do not share a core."""
-    if not pin or not hasattr(os, "sched_setaffinity"):
-        return None, None
+def read_sys(
+    address: tuple[str, int],
+    client_id: str,
+    topics: Sequence[str],
+    on_publish: Callable[[float, Publish], None],
+    name: str,
+) -> tuple[socket.socket, threading.Thread]:
+    """Subscribe to ``topics`` (the broker's $SYS counts) on a connection of its own,
+    and start a thread ``name`` that calls ``on_publish(arrival time, packet)`` for
+    every PUBLISH until the connection ends. A thread, not a task: its readings must
+    not wait for the event loop of the process it measures. Stop it with
+    :func:`hang_up`."""
+    sock = socket.create_connection(address, timeout=10)
     try:
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[0]})
-    except OSError:
-        return None, None
-    return cores[0], cores[1] if len(cores) > 1 else None
+        reader = _subscribe(sock, address, client_id, topics)
+    except BaseException:
+        sock.close()
+        raise
+    thread = threading.Thread(
+        target=_read_publishes, args=(sock, reader, on_publish), name=name, daemon=True
+    )
+    thread.start()
+    return sock, thread
 
 
-def pin_process(pid: int, core: int | None) -> None:
-    if core is not None:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(pid, {core})
+def _subscribe(
+    sock: socket.socket, address: tuple[str, int], client_id: str, topics: Sequence[str]
+) -> PacketReader:
+    version = ProtocolVersion.V311
+    sock.sendall(encode(Connect(client_id, keepalive_s=0), version))
+    reader = PacketReader(version)
+    packets: list[Any] = []
+    while not packets:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionError(f"the broker at {address} closed the connection")
+        packets = reader.feed(data)
+    if not isinstance(packets[0], ConnAck) or packets[0].reason_code != 0:
+        raise ConnectionError(f"the broker at {address} refused: {packets[0]}")
+    sock.sendall(encode(Subscribe(1, tuple(Subscription(topic) for topic in topics)), version))
+    sock.settimeout(None)
+    return reader
 
 
-def raise_open_file_limit() -> int:
-    """Soft limit up to the hard one (one file per connection); returns the limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def machine(server_core: int | None, client_core: int | None) -> str:
-    cpu = platform.processor() or "unknown"
+def _read_publishes(
+    sock: socket.socket, reader: PacketReader, on_publish: Callable[[float, Publish], None]
+) -> None:
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    pinned = (
-        "not pinned"
-        if client_core is None
-        else f"this process on core {client_core}, servers on core {server_core}"
-    )
-    return (
-        f"{cpu}, nproc {os.cpu_count()}, {pinned}, Python {platform.python_version()}, "
-        f"uvloop {uvloop.__version__}"
-    )
+        while data := sock.recv(65536):
+            at = time.monotonic()
+            for packet in reader.feed(data):
+                if isinstance(packet, Publish):
+                    on_publish(at, packet)
 
 
-def run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop, the engine's event loop."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coroutine)
-
-
-async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float) -> float:
-    """Poll ``condition``; return how long it took, or fail after ``timeout_s``."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise TimeoutError(f"{what}: not done within {timeout_s:g} s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
-
-
-@dataclass(frozen=True)
-class Sample:
-    wall_s: float
-    cpu_s: float
-    sent: int
-    acked: int = 0
-    clock_s: float = 0.0
-
-    @staticmethod
-    def take(sent: int, acked: int = 0, clock_s: float = 0.0) -> Sample:
-        return Sample(time.monotonic(), time.process_time(), sent, acked, clock_s)
-
-
-@dataclass(frozen=True)
-class Window:
-    """What a contender did between two samples."""
-
-    start: Sample
-    end: Sample
-
-    @property
-    def wall_s(self) -> float:
-        return self.end.wall_s - self.start.wall_s
-
-    def rate(self, attribute: str) -> float:
-        return (getattr(self.end, attribute) - getattr(self.start, attribute)) / self.wall_s
-
-    @property
-    def cpu_share(self) -> float:
-        return (self.end.cpu_s - self.start.cpu_s) / self.wall_s
-
-
-class BenchClock:
-    """Wall-clock seconds for a benchmark worker, with two brakes.
-
-    - It stands still (at 0) until :meth:`release`, so that no device sends before the
-      whole fleet is connected; then it runs at wall-clock speed from where it stood.
-    - With ``lead_s``, after :meth:`follow`, it never runs more than ``lead_s`` past the
-      earliest send still due in the batch: a worker that cannot keep up gets batches
-      of ``lead_s`` of schedule, sent as fast as it can, instead of an ever larger
-      catch-up. Without ``lead_s`` it is the wall clock, and latencies are true.
-    """
-
-    def __init__(self, lead_s: float | None = None) -> None:
-        self._lead_s = lead_s
-        self._batch: DeviceBatch | None = None
-        self._origin = time.monotonic()
-        self._start_epoch_s = time.time()
-        self._held = True
-        self._last = 0.0
-        self._bound = 0.0
-        self._bound_at = -math.inf
-
-    @property
-    def start_epoch_s(self) -> float:
-        return self._start_epoch_s
-
-    def follow(self, batch: DeviceBatch) -> None:
-        self._batch = batch
-
-    def release(self) -> None:
-        self._origin = time.monotonic() - self._last
-        self._held = False
-
-    def now_s(self) -> float:
-        if self._held:
-            return self._last
-        now = time.monotonic() - self._origin
-        if self._lead_s is not None and self._batch is not None:
-            # next_due_s() is a numpy min over the batch: refresh the bound now and then,
-            # not on every reading (the engine reads the clock once per acknowledgement).
-            if now - self._bound_at > BOUND_REFRESH_S:
-                self._bound = self._batch.next_due_s() + self._lead_s
-                self._bound_at = now
-            now = min(now, self._bound)
-        self._last = max(self._last, now)
-        return self._last
+def hang_up(sock: socket.socket | None, reading: threading.Thread | None) -> None:
+    """Close a $SYS connection and wait for the thread that reads it."""
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    if reading is not None:
+        reading.join(5)
 
 
 class BrokerCounter:
@@ -316,8 +244,7 @@ class BrokerCounter:
 
     A thread reads the count with its arrival time (the broker publishes it every two
     seconds with ``sys_interval 1``); :meth:`rate` is the slope between the first and
-    the last reading inside a window. A thread, not a task: its readings must not wait
-    for the event loop of the process it measures.
+    the last reading inside a window.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -327,56 +254,18 @@ class BrokerCounter:
         self.readings: list[tuple[float, int]] = []
 
     def __enter__(self) -> Self:
-        sock = socket.create_connection(self._address, timeout=10)
-        try:
-            self._subscribe(sock)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
+        self._sock, self._thread = read_sys(
+            self._address, "iotix-bench-sys", (RECEIVED_TOPIC,), self._on_publish, "broker-counter"
+        )
         return self
 
-    def _subscribe(self, sock: socket.socket) -> None:
-        version = ProtocolVersion.V311
-        sock.sendall(encode(Connect("iotix-bench-sys", keepalive_s=0), version))
-        reader = PacketReader(version)
-        packets: list[Any] = []
-        while not packets:
-            data = sock.recv(4096)
-            if not data:
-                raise ConnectionError(f"the broker at {self._address} closed the connection")
-            packets = reader.feed(data)
-        if not isinstance(packets[0], ConnAck) or packets[0].reason_code != 0:
-            raise ConnectionError(f"the broker at {self._address} refused: {packets[0]}")
-        subscribe = Subscribe(1, (Subscription(RECEIVED_TOPIC),))
-        sock.sendall(encode(subscribe, version))
-        sock.settimeout(None)
-        self._thread = threading.Thread(
-            target=self._read, args=(sock, reader), name="broker-counter", daemon=True
-        )
-        self._thread.start()
+    def _on_publish(self, at: float, packet: Publish) -> None:
+        # A retained copy is the count as of the last tick, not of now.
+        if not packet.retain:
+            self.readings.append((at, int(packet.payload)))
 
-    def _read(self, sock: socket.socket, reader: PacketReader) -> None:
-        with contextlib.suppress(OSError):
-            while data := sock.recv(65536):
-                at = time.monotonic()
-                for packet in reader.feed(data):
-                    # A retained copy is the count as of the last tick, not of now.
-                    if isinstance(packet, Publish) and not packet.retain:
-                        self.readings.append((at, int(packet.payload)))
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
-        if self._thread is not None:
-            self._thread.join(5)
+    def __exit__(self, *exc: object) -> None:
+        hang_up(self._sock, self._thread)
 
     def rate(self, window: Window) -> float | None:
         """PUBLISH packets per second the broker counted inside ``window`` (None if it
@@ -489,34 +378,22 @@ class DiscardSink:
 # --- the raw writer -------------------------------------------------------------------
 
 
-class RawWriter:
-    """Connections that write pre-built frames as fast as TCP flow control allows."""
+class RawMQTTClient(asyncio.Protocol):
+    """A raw MQTT connection: it writes a pre-built CONNECT and settles :attr:`connack`
+    with the broker's answer, or with the connection's end."""
 
-    def __init__(self) -> None:
-        self.connected = 0
-        self.sent = 0
-        self.running = False
-        self.connections: list[_RawConnection] = []
-
-
-class _RawConnection(asyncio.Protocol):
-    def __init__(self, writer: RawWriter, connect_frame: bytes, batch: bytes, frames: int):
-        self._writer = writer
+    def __init__(self, connect_frame: bytes) -> None:
         self._connect_frame = connect_frame
-        self._batch = batch
-        self._frames = frames
-        self._transport: asyncio.Transport | None = None
-        self._paused = False
+        self.transport: asyncio.Transport | None = None
         self.connack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # a stream transport
-        self._transport.write(self._connect_frame)
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
+        transport.write(self._connect_frame)  # type: ignore[attr-defined]  # likewise
 
     def data_received(self, data: bytes) -> None:
         if not self.connack.done():
             if data[:4] == CONNACK_OK:
-                self._writer.connected += 1
                 self.connack.set_result(None)
             else:
                 self.connack.set_exception(ConnectionError(f"refused: {data[:4].hex()}"))
@@ -524,6 +401,24 @@ class _RawConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.connack.done():
             self.connack.set_exception(exc or ConnectionError("closed before CONNACK"))
+
+
+class RawWriter:
+    """Connections that write pre-built frames as fast as TCP flow control allows."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.running = False
+        self.connections: list[_RawConnection] = []
+
+
+class _RawConnection(RawMQTTClient):
+    def __init__(self, writer: RawWriter, connect_frame: bytes, batch: bytes, frames: int):
+        super().__init__(connect_frame)
+        self._writer = writer
+        self._batch = batch
+        self._frames = frames
+        self._paused = False
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -535,7 +430,7 @@ class _RawConnection(asyncio.Protocol):
     def pump(self) -> None:
         """Write batches until the transport pushes back; give the others a turn after
         ``PUMP_WRITES`` writes, since a fast reader may never push back."""
-        transport, writer = self._transport, self._writer
+        transport, writer = self.transport, self._writer
         if transport is None or transport.is_closing():
             return
         for _ in range(PUMP_WRITES):
@@ -546,20 +441,15 @@ class _RawConnection(asyncio.Protocol):
         asyncio.get_running_loop().call_soon(self.pump)
 
     def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
 
 
 def prebuilt_frames(model: LoadedModel, devices: int) -> list[tuple[bytes, bytes]]:
     """(CONNECT, batch of ``BATCH_FRAMES`` PUBLISH frames) per device: the model's own
     client ids, topics and payloads, so both contenders put the same bytes on the wire."""
     batch = DeviceBatch(model.spec, indices=list(range(devices)), seed=0, base_dir=None)
-    first: dict[int, Any] = {}
-    now = 0.0
-    while len(first) < devices:
-        now += 0.01
-        for message in batch.advance(now):
-            first.setdefault(message.device_index, message)
+    first = first_messages(batch, 0.01)
     version = ProtocolVersion.V311
     frames = []
     for index in range(devices):
@@ -826,31 +716,24 @@ def qos1_part(args: argparse.Namespace, server_core: int | None) -> list[Measure
 # --- reporting ------------------------------------------------------------------------
 
 
-def _figure(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
-    if value is None or math.isnan(value):
-        return "-"
-    return f"{value * scale:,.{digits}f}"
-
-
 def print_table(results: Sequence[Measurement]) -> None:
     header = (
         f"{'part':<11} {'contender':<13} {'conns':>6} {'sent msg/s':>11} {'broker msg/s':>13} "
         f"{'CPU %':>6} {'msg/CPU-s':>10} {'acked/s':>9} {'ack p50/p99/p99.9 ms':>22} "
         f"{'ratio':>7}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in results:
         latency = (
             "-"
             if r.ack_p50_s is None
-            else "/".join(_figure(v, 1000, 2) for v in (r.ack_p50_s, r.ack_p99_s, r.ack_p999_s))
+            else "/".join(figure(v, 1000, 2) for v in (r.ack_p50_s, r.ack_p99_s, r.ack_p999_s))
         )
         ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
         print(
-            f"{r.part:<11} {r.contender:<13} {r.connections:>6,} {_figure(r.sent_per_s):>11} "
-            f"{_figure(r.broker_per_s):>13} {_figure(r.cpu_share, 100):>6} "
-            f"{_figure(r.per_cpu_s):>10} {_figure(r.acked_per_s):>9} {latency:>22} {ratio:>7}"
+            f"{r.part:<11} {r.contender:<13} {r.connections:>6,} {figure(r.sent_per_s):>11} "
+            f"{figure(r.broker_per_s):>13} {figure(r.cpu_share, 100):>6} "
+            f"{figure(r.per_cpu_s):>10} {figure(r.acked_per_s):>9} {latency:>22} {ratio:>7}"
         )
     for r in results:
         if r.schedule_kept is not None:
@@ -874,13 +757,13 @@ def verdicts(results: Sequence[Measurement]) -> list[str]:
             alike = [r for r in floods if r.connections == ours.connections]
             also = (
                 f"; {ours.broker_per_s / alike[0].broker_per_s:.1%} of the flood over as many "
-                f"connections ({_figure(alike[0].broker_per_s)} msg/s)"
+                f"connections ({figure(alike[0].broker_per_s)} msg/s)"
                 if alike and alike[0] is not best and alike[0].broker_per_s
                 else ""
             )
             lines.append(
-                f"broker ceiling: iotix {_figure(ours.broker_per_s)} msg/s into Mosquitto = "
-                f"{ours.ratio:.1%} of its ceiling, {_figure(best.broker_per_s)} msg/s "
+                f"broker ceiling: iotix {figure(ours.broker_per_s)} msg/s into Mosquitto = "
+                f"{ours.ratio:.1%} of its ceiling, {figure(best.broker_per_s)} msg/s "
                 f"(raw flood, {best.connections:,} connections){also} "
                 f"(target {TARGET_CEILING_FRACTION:.0%}): "
                 f"{'target met' if met else 'target MISSED'}"
@@ -892,10 +775,10 @@ def verdicts(results: Sequence[Measurement]) -> list[str]:
         against = (
             ""
             if raw_sink is None or sink.ratio is None
-            else f", {sink.ratio:.1%} of the raw writer's {_figure(raw_sink.per_cpu_s)}"
+            else f", {sink.ratio:.1%} of the raw writer's {figure(raw_sink.per_cpu_s)}"
         )
         lines.append(
-            f"discard sink: iotix {_figure(sink.per_cpu_s)} msg per CPU-second{against} "
+            f"discard sink: iotix {figure(sink.per_cpu_s)} msg per CPU-second{against} "
             f"(target {TARGET_SINK_PER_CORE:,}): {'target met' if met else 'target MISSED'}"
         )
     for qos1 in results:
@@ -904,23 +787,16 @@ def verdicts(results: Sequence[Measurement]) -> list[str]:
                 ""
                 if qos1.ack_p50_s is None
                 else (
-                    f", PUBACK latency p50 {_figure(qos1.ack_p50_s, 1000, 2)} ms, "
-                    f"p99 {_figure(qos1.ack_p99_s, 1000, 2)} ms, "
-                    f"p99.9 {_figure(qos1.ack_p999_s, 1000, 2)} ms"
+                    f", PUBACK latency p50 {figure(qos1.ack_p50_s, 1000, 2)} ms, "
+                    f"p99 {figure(qos1.ack_p99_s, 1000, 2)} ms, "
+                    f"p99.9 {figure(qos1.ack_p999_s, 1000, 2)} ms"
                 )
             )
             lines.append(
-                f"{qos1.part}: {_figure(qos1.acked_per_s)} acknowledged msg/s, "
-                f"{_figure(qos1.cpu_share, 100)} % CPU{latency} (recorded)"
+                f"{qos1.part}: {figure(qos1.acked_per_s)} acknowledged msg/s, "
+                f"{figure(qos1.cpu_share, 100)} % CPU{latency} (recorded)"
             )
     return lines
-
-
-def print_profile(profile: cProfile.Profile, top: int, what: str) -> None:
-    out = io.StringIO()
-    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
-    print(f"# cProfile of {what}, by own time")
-    print(out.getvalue())
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -972,16 +848,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin to cores")
     args = parser.parse_args(argv)
-    limit = raise_open_file_limit()
-    if args.devices * 2 + 100 > limit:
-        parser.error(f"--devices {args.devices} needs more open files than the limit {limit}")
+    require_open_files(parser, args.devices * 2 + 100, args.devices)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     args = parse_args(argv)
-    client_core, server_core = pin_cores(pin=not args.no_pin)
-    print(f"# mqtt_throughput: {machine(server_core, client_core)}")
+    _, server_core = pin_and_print_machine("mqtt_throughput", pin=not args.no_pin)
     print(
         f"# {args.devices:,} devices/connections, QoS 0 JSON telemetry every "
         f"{args.interval_ms:g} ms per device (saturating, lead {args.lead_ms:g} ms), "
