@@ -41,19 +41,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import re
 import shutil
 import socket
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from iotix.errors import IotixError
 from iotix.protocols.coap import (
     BlockOption,
     CoAPFormatError,
@@ -66,7 +62,7 @@ from iotix.protocols.coap import (
     encode,
     path_options,
 )
-from iotix.testing.process import stop_process
+from iotix.testing.process import ServerProcess, ServerProcessError, find_program, given_program
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -84,12 +80,10 @@ __all__ = [
     "find_coap_server",
 ]
 
-_log = logging.getLogger(__name__)
-
 _BINARIES = ("coap-server", "coap-server-openssl", "coap-server-gnutls", "coap-server-notls")
 _PORT_ATTEMPTS = 5
-_POLL_INTERVAL_S = 0.05
-_LOG_TAIL_LINES = 30
+# How long a readiness GET waits for an answer.
+_READY_TIMEOUT_S = 0.05
 # coap_show_pdu's line (libcoap 4.3): "v:1 t:CON c:PUT i:5407 {01} [ Uri-Path:a ] :: 'x'"
 _PDU_LINE = re.compile(
     r"^v:1 t:(?P<type>CON|NON|ACK|RST) c:(?P<code>\S+) i:(?P<mid>[0-9a-f]{4}) "
@@ -97,15 +91,10 @@ _PDU_LINE = re.compile(
 )
 
 
-class CoAPServerError(IotixError):
+class CoAPServerError(ServerProcessError):
     """A CoAP test server could not be started; ``log_tail`` holds its last log lines."""
 
-    def __init__(self, message: str, *, log_tail: str = "") -> None:
-        text = (
-            f"{message}\n--- coap-server log (last lines) ---\n{log_tail}" if log_tail else message
-        )
-        super().__init__(text)
-        self.log_tail = log_tail
+    _log_label = "coap-server"
 
 
 class CoAPServerNotFoundError(CoAPServerError):
@@ -219,13 +208,19 @@ def _exchange(sock: socket.socket, request: CoAPMessage, deadline: float, url: s
             return response
 
 
-class LibCoAPServer:
+class LibCoAPServer(ServerProcess):
     """libcoap's ``coap-server`` on free ports of ``host``: see the module docstring.
 
     ``psk`` enables DTLS-PSK on :attr:`dtls_port` (the port after :attr:`port`) with
     that key for every identity. ``dynamic_resources`` is how many resources PUTs may
     create (``-d``). ``extra_args`` are passed verbatim.
     """
+
+    _program = "coap-server"
+    _file_stem = "coap-server"
+    _error = CoAPServerError
+    _readiness = "answer a GET"
+    _port_taken_markers = (b"in use",)
 
     def __init__(
         self,
@@ -239,36 +234,24 @@ class LibCoAPServer:
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
     ) -> None:
-        self._host = host
+        super().__init__(host=host, start_timeout_s=start_timeout_s, stop_timeout_s=stop_timeout_s)
         self._psk = psk
         self._dynamic_resources = dynamic_resources
         self._verbosity = verbosity
         self._extra_args = tuple(extra_args)
         self._binary = Path(binary) if binary is not None else None
-        self._start_timeout_s = start_timeout_s
-        self._stop_timeout_s = stop_timeout_s
-        self._dir: Path | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._port = 0
-        self._final_log = ""
-
-    @property
-    def host(self) -> str:
-        return self._host
 
     @property
     def port(self) -> int:
         """The plain CoAP (UDP) port."""
-        if not self._port:
-            raise CoAPServerError("the server has not been started")
-        return self._port
+        return self._port("coap")
 
     @property
     def dtls_port(self) -> int:
         """The DTLS port (needs ``psk``): libcoap listens on the port after :attr:`port`."""
         if self._psk is None:
             raise CoAPServerError("the server has no DTLS listener: give it a psk")
-        return self.port + 1
+        return self._port("dtls")
 
     @property
     def url(self) -> str:
@@ -277,25 +260,6 @@ class LibCoAPServer:
     @property
     def coaps_url(self) -> str:
         return f"coaps://{self._netloc(self.dtls_port)}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self.running and self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def _netloc(self, port: int) -> str:
-        return f"[{self._host}]:{port}" if ":" in self._host else f"{self._host}:{port}"
-
-    def log_text(self) -> str:
-        """Everything the server logged (also after :meth:`stop`)."""
-        if self._dir is None:
-            return self._final_log
-        with contextlib.suppress(FileNotFoundError):
-            return (self._dir / "coap-server.log").read_text(encoding="utf-8", errors="replace")
-        return ""
 
     def received(self) -> list[ReceivedPDU]:
         """Every PDU the server logged as received, in order (needs verbosity 7)."""
@@ -336,114 +300,37 @@ class LibCoAPServer:
         """GET ``path`` (``"base/dev/telemetry"``) over plain CoAP: code and payload."""
         return coap_get(self._host, self.port, path, timeout_s=timeout_s)
 
-    def start(self) -> Self:
-        """Start on free ports and wait until the server answers a GET; raises
-        :class:`CoAPServerNotFoundError` or :class:`CoAPServerError`."""
-        if self.running:
-            raise CoAPServerError(f"coap-server already running on port {self._port}")
-        binary = self._resolve_binary()
-        self._discard()
-        self._dir = Path(tempfile.mkdtemp(prefix="iotix-coap-server-"))
-        try:
-            self._launch_on_free_ports(binary)
-        except BaseException:
-            self._discard()
-            raise
-        return self
-
-    def _launch_on_free_ports(self, binary: Path) -> None:
-        for attempt in range(1, _PORT_ATTEMPTS + 1):
-            ports = _free_udp_ports(self._host, 2 if self._psk is not None else 1)
-            self._port = ports[0]
-            error = self._launch(binary)
-            if error is None:
-                return
-            if attempt == _PORT_ATTEMPTS or "in use" not in error.log_tail:
-                raise error
-
-    def stop(self) -> None:
-        """Stop the process (SIGTERM, then SIGKILL) and remove its directory."""
-        self._discard()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = f"running, pid {self.pid}" if self.running else "not running"
-        return f"<LibCoAPServer {self._host}:{self._port} ({state})>"
-
     def _resolve_binary(self) -> Path:
         dtls = self._psk is not None
-        if self._binary is None:
-            binary = find_coap_server(dtls=dtls)
-        elif os.sep in str(self._binary):
-            binary = self._binary
-        else:
-            found = shutil.which(str(self._binary))
-            binary = Path(found) if found is not None else None
-        if binary is None or not binary.is_file():
+        given = self._binary
+        binary = (
+            find_coap_server(dtls=dtls) if given is None else given_program(given, find_program)
+        )
+        if binary is None:
             raise CoAPServerNotFoundError(dtls=dtls)
         return binary.absolute()
 
+    def _pick_ports(self) -> dict[str, int]:
+        if self._psk is None:
+            return {"coap": _free_udp_ports(self._host, 1)[0]}
+        coap, dtls = _free_udp_ports(self._host, 2)
+        return {"coap": coap, "dtls": dtls}
+
     def _command(self, binary: Path) -> list[str]:
-        command = [str(binary), "-A", self._host, "-p", str(self._port), "-v", str(self._verbosity)]
+        command = [str(binary), "-A", self._host, "-p", str(self.port), "-v", str(self._verbosity)]
         if self._dynamic_resources:
             command += ["-d", str(self._dynamic_resources)]
         if self._psk is not None:
             command += ["-k", self._psk]
         return [*command, *self._extra_args]
 
-    def _launch(self, binary: Path) -> CoAPServerError | None:
-        assert self._dir is not None  # noqa: S101 - set by start()
-        log_path = self._dir / "coap-server.log"
-        with log_path.open("ab") as log:
-            self._process = subprocess.Popen(  # noqa: S603 - our binary, our arguments
-                self._command(binary),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self._dir,
-            )
-        _log.debug("started coap-server pid %d on port %d", self._process.pid, self._port)
-        deadline = time.monotonic() + self._start_timeout_s
-        while True:
-            if self._process.poll() is not None:
-                return CoAPServerError(
-                    f"coap-server exited with status {self._process.returncode} while starting "
-                    f"(port {self._port})",
-                    log_tail=self._tail(),
-                )
-            with contextlib.suppress(TimeoutError):
-                coap_get(self._host, self._port, "", timeout_s=_POLL_INTERVAL_S)
-                return None
-            if time.monotonic() >= deadline:
-                self._terminate()
-                return CoAPServerError(
-                    f"coap-server did not answer on port {self._port} within "
-                    f"{self._start_timeout_s:g} s",
-                    log_tail=self._tail(),
-                )
-
-    def _tail(self) -> str:
-        return "\n".join(self.log_text().splitlines()[-_LOG_TAIL_LINES:])
-
-    def _terminate(self) -> None:
-        stop_process(self._process, self._stop_timeout_s, name="coap-server")
-
-    def _discard(self) -> None:
-        self._terminate()
-        if self._dir is not None:
-            self._final_log = self.log_text()
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+    def _ready(self, log: bytes) -> bool:
+        del log
+        try:
+            coap_get(self._host, self.port, "", timeout_s=_READY_TIMEOUT_S)
+        except TimeoutError:
+            return False
+        return True
 
 
 # --- an in-process aiocoap server ------------------------------------------------------

@@ -65,10 +65,10 @@ from amqtt.mqtt.packet import PUBLISH  # type: ignore[import-untyped]
 from amqtt.plugins.base import BasePlugin  # type: ignore[import-untyped]
 
 from iotix.errors import IotixError
+from iotix.testing.process import ServerFixture
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from types import TracebackType
 
 __all__ = ["EmbeddedBroker", "EmbeddedBrokerError", "PublishCounterPlugin"]
 
@@ -128,7 +128,7 @@ class _Handoff:
     failure: BaseException | None = None
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(ServerFixture):
     """One amqtt broker on a free port, served by a thread with its own event loop.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. A stopped
@@ -240,17 +240,6 @@ class EmbeddedBroker:
             self._halt()
         finally:
             self._restore_loggers()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         where = f" {self.url}" if self._port is not None else ""

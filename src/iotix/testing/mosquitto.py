@@ -19,11 +19,13 @@ Facts worth knowing:
 - Mosquitto must be installed (Debian/Ubuntu package ``mosquitto``; the repository's
   ``scripts/services`` installs it). The binary is looked up on ``PATH`` and then in the
   ``sbin`` directories, which a non-root ``PATH`` often lacks.
-- Ports are picked by binding port 0 and passing the number to Mosquitto. Another
-  process can take the port in between; Mosquitto then fails to bind and the start is
-  retried on new ports. The broker counts as up only once its own log says it is
-  running *and* its ports accept TCP connections, so a port taken by someone else is
-  never mistaken for the broker.
+- Free ports, the retried start, the stop and the log are
+  :class:`~iotix.testing.process.ServerProcess`'s (see :mod:`iotix.testing.process`).
+  Mosquitto has no request to probe readiness with: the broker counts as up only once
+  its own log says it is running *and* its ports accept TCP connections, so a port
+  taken by someone else is never mistaken for the broker. A port taken before it binds
+  makes it log ``Address already in use`` (``Unable to create websockets listener`` for
+  the websockets one) and exit.
 - Open files: a process inherits its parent's ``RLIMIT_NOFILE``, and each client
   connection is a file. When the caller's soft limit is below its hard limit, the broker
   is started through util-linux ``prlimit`` with the soft limit raised to the hard one
@@ -53,27 +55,27 @@ Nothing here is shared between brokers: no module-level state, no global registr
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import logging
 import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
-from iotix.errors import IotixError
-from iotix.testing.process import log_tail, read_log_since, stop_process
+from iotix.testing.process import (
+    ServerProcess,
+    ServerProcessError,
+    accepts_connections,
+    find_program,
+    given_program,
+    pick_free_ports,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
-    from types import TracebackType
 
 __all__ = [
     "MosquittoBroker",
@@ -83,8 +85,6 @@ __all__ = [
     "find_mosquitto",
 ]
 
-_log = logging.getLogger(__name__)
-
 # Where packages put the broker when `sbin` is not on PATH (Debian, source builds,
 # Homebrew on Apple silicon and on Intel).
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/usr/local/opt/mosquitto/sbin")
@@ -92,22 +92,12 @@ _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin", "/usr/local/
 _RUNNING = re.compile(rb"mosquitto version \S+ running")
 # What Mosquitto logs when a listener's port is taken: the race `start()` retries.
 _PORT_TAKEN = (b"Address already in use", b"Unable to create websockets listener")
-_PORT_ATTEMPTS = 5
-_POLL_INTERVAL_S = 0.01
-_CONNECT_TIMEOUT_S = 0.2
-_LOG_TAIL_LINES = 30
 
 
-class MosquittoError(IotixError):
-    """A Mosquitto broker could not be configured, started or restarted.
+class MosquittoError(ServerProcessError):
+    """A Mosquitto broker could not be configured, started or restarted."""
 
-    ``log_tail`` holds the last lines of the broker's log, where there is one.
-    """
-
-    def __init__(self, message: str, *, log_tail: str = "") -> None:
-        text = f"{message}\n--- mosquitto log (last lines) ---\n{log_tail}" if log_tail else message
-        super().__init__(text)
-        self.log_tail = log_tail
+    _log_label = "mosquitto"
 
 
 class MosquittoNotFoundError(MosquittoError):
@@ -134,24 +124,26 @@ class TLSListenerSpec:
 
 def find_mosquitto(program: str = "mosquitto") -> Path | None:
     """The path of a Mosquitto program (``mosquitto``, ``mosquitto_passwd``), or None."""
-    found = shutil.which(program)
-    if found is not None:
-        return Path(found)
-    for directory in _SBIN_DIRS:
-        candidate = Path(directory, program)
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    return find_program(program, after_path=_SBIN_DIRS)
 
 
-class MosquittoBroker:
+class MosquittoBroker(ServerProcess):
     """One Mosquitto process on free ports, with a generated configuration.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. ``users`` maps
     user names to passwords for a password file; anonymous clients are allowed unless
     ``allow_anonymous`` is false. ``websockets`` and ``tls`` add listeners on further
-    free ports. ``extra_config`` lines are appended to the configuration verbatim.
+    free ports. ``extra_config`` lines are appended to the configuration verbatim. The
+    private :attr:`directory` holds the configuration, the password file and the log.
     """
+
+    _program = "mosquitto"
+    _file_stem = "mosquitto"
+    _noun = "broker"
+    _error = MosquittoError
+    _readiness = "accept connections"
+    _port_taken_markers = _PORT_TAKEN
+    _poll_interval_s = 0.01
 
     def __init__(
         self,
@@ -180,7 +172,7 @@ class MosquittoBroker:
                 f"a websockets listener needs an IP address, not {host!r}: Mosquitto's "
                 "libwebsockets takes no host names (it would silently listen nowhere)"
             )
-        self._host = host
+        super().__init__(host=host, start_timeout_s=start_timeout_s, stop_timeout_s=stop_timeout_s)
         self._users = dict(users or {})
         self._allow_anonymous = allow_anonymous
         self._websockets = websockets
@@ -190,19 +182,8 @@ class MosquittoBroker:
         self._max_queued_messages = max_queued_messages
         self._extra_config = tuple(extra_config)
         self._binary = Path(binary) if binary is not None else None
-        self._start_timeout_s = start_timeout_s
-        self._stop_timeout_s = stop_timeout_s
-        self._dir: Path | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._ports: dict[str, int] = {}
-        self._final_log = ""
 
     # -- addresses -------------------------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        """The address every listener is bound to (127.0.0.1 unless given)."""
-        return self._host
 
     @property
     def port(self) -> int:
@@ -234,135 +215,23 @@ class MosquittoBroker:
         """``mqtts://HOST:PORT`` for the TLS listener."""
         return f"mqtts://{self._netloc(self.tls_port)}"
 
-    # -- state -----------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        """The broker's process id while it runs, else None."""
-        return self._process.pid if self.running and self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the process this object started is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def directory(self) -> Path | None:
-        """The private directory (configuration, password file, log), until :meth:`stop`."""
-        return self._dir
-
     @property
     def config_path(self) -> Path:
         """The generated ``mosquitto.conf``."""
         return self._require_dir() / "mosquitto.conf"
 
-    @property
-    def log_path(self) -> Path:
-        """The broker's log (its stderr and stdout), appended to across restarts."""
-        return self._require_dir() / "mosquitto.log"
-
-    def log_text(self) -> str:
-        """Everything the broker has logged, also after :meth:`stop`."""
-        if self._dir is None:
-            return self._final_log
-        with contextlib.suppress(FileNotFoundError):
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        return ""
-
-    # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> Self:
-        """Start the broker on new free ports and wait until it accepts connections.
-
-        Raises :class:`MosquittoNotFoundError` if Mosquitto is not installed and
-        :class:`MosquittoError` (with the log tail) if it does not come up within
-        ``start_timeout_s``. A failed start leaves nothing behind.
-        """
-        if self.running:
-            raise MosquittoError(f"broker already running on port {self.port}")
-        binary = self._resolve_binary()
-        self._discard()  # what a killed broker left behind
-        self._dir = Path(tempfile.mkdtemp(prefix="iotix-mosquitto-"))
-        try:
-            if self._users:
-                self._write_password_file()
-            self._launch_on_free_ports(binary)
-        except BaseException:
-            self._discard()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """Stop the process this object started (SIGTERM, then SIGKILL after
-        ``stop_timeout_s``) and remove its directory. Safe to call more than once."""
-        self._discard()
-
-    def kill(self) -> None:
-        """Crash the broker (SIGKILL) and reap it; the directory and ports are kept, so
-        :meth:`restart` can bring it back."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-
-    def restart(self) -> None:
-        """Stop the broker if it runs (gracefully) and start it again on the same ports.
-
-        Raises :class:`MosquittoError` if it was never started or was stopped, or if a
-        port has been taken meanwhile.
-        """
-        if self._dir is None or not self._ports:
-            raise MosquittoError("restart() needs a broker that was started and not stopped")
-        binary = self._resolve_binary()
-        self._terminate()
-        error = self._launch(binary)
-        if error is not None:
-            raise error
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = f"running, pid {self.pid}" if self.running else "not running"
-        where = f" {self.url}" if "mqtt" in self._ports else ""
-        return f"<MosquittoBroker{where} ({state})>"
-
-    # -- internals -------------------------------------------------------------------
-
-    def _port(self, listener: str) -> int:
-        try:
-            return self._ports[listener]
-        except KeyError:
-            if not self._ports:
-                raise MosquittoError("the broker has not been started") from None
-            raise MosquittoError(f"the broker has no {listener} listener") from None
-
-    def _netloc(self, port: int) -> str:
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"{host}:{port}"
-
-    def _require_dir(self) -> Path:
-        if self._dir is None:
-            raise MosquittoError("the broker is not started (or was stopped)")
-        return self._dir
+    # -- hooks -----------------------------------------------------------------------
 
     def _resolve_binary(self) -> Path:
-        if self._binary is None:
-            binary = find_mosquitto()
-        elif os.sep in str(self._binary):
-            binary = self._binary
-        else:  # a bare program name, looked up like the default one
-            binary = find_mosquitto(str(self._binary))
-        if binary is None or not binary.is_file():
-            raise MosquittoNotFoundError(str(self._binary or "mosquitto"))
+        given = self._binary
+        binary = find_mosquitto() if given is None else given_program(given, find_mosquitto)
+        if binary is None:
+            raise MosquittoNotFoundError(str(given or "mosquitto"))
         return binary.absolute()  # Mosquitto runs in its own directory
+
+    def _prepare_directory(self) -> None:
+        if self._users:
+            self._write_password_file()
 
     def _write_password_file(self) -> None:
         tool = find_mosquitto("mosquitto_passwd")
@@ -394,15 +263,11 @@ class MosquittoBroker:
             listeners.append("websockets")
         if self._tls is not None:
             listeners.append("tls")
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        with contextlib.ExitStack() as stack:
-            # All bound at once, so the ports differ from each other.
-            sockets = [stack.enter_context(socket.socket(family)) for _ in listeners]
-            for sock in sockets:
-                sock.bind((self._host, 0))
-            return {
-                name: sock.getsockname()[1] for name, sock in zip(listeners, sockets, strict=True)
-            }
+        return pick_free_ports(self._host, tuple(listeners))
+
+    def _write_config(self) -> None:
+        config = "\n".join(self._config_lines()) + "\n"
+        self.config_path.write_text(config, encoding="utf-8")
 
     def _config_lines(self) -> Iterator[str]:
         yield "# Generated by iotix.testing.MosquittoBroker; rewritten on every start."
@@ -455,85 +320,13 @@ class MosquittoBroker:
             command = [prlimit, f"--nofile={hard}:{hard}", "--", *command]
         return command
 
-    def _launch_on_free_ports(self, binary: Path) -> None:
-        for attempt in range(1, _PORT_ATTEMPTS + 1):
-            self._ports = self._pick_ports()
-            error = self._launch(binary)
-            if error is None:
-                return
-            if not error.port_taken or attempt == _PORT_ATTEMPTS:
-                raise error
-            _log.debug("mosquitto lost the race for port(s) %s; retrying", self._ports)
+    def _ready(self, log: bytes) -> bool:
+        return _RUNNING.search(log) is not None and all(
+            accepts_connections(self._host, port) for port in self._ports.values()
+        )
 
-    def _launch(self, binary: Path) -> _LaunchError | None:
-        """Write the configuration, start the process and wait until it is up.
-
-        Returns None when it is up; otherwise the process is gone and the error says why.
-        """
-        config = "\n".join(self._config_lines()) + "\n"
-        self.config_path.write_text(config, encoding="utf-8")
-        log_path = self.log_path
-        log_offset = log_path.stat().st_size if log_path.exists() else 0
-        with log_path.open("ab") as log:
-            self._process = subprocess.Popen(  # noqa: S603  (our binary, our config)
-                self._command(binary),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self._dir,
-            )
-        _log.debug("started mosquitto pid %d on ports %s", self._process.pid, self._ports)
-        return self._wait_until_up(self._process, log_offset)
-
-    def _wait_until_up(
-        self, process: subprocess.Popen[bytes], log_offset: int
-    ) -> _LaunchError | None:
-        deadline = time.monotonic() + self._start_timeout_s
-        while True:
-            if process.poll() is not None:
-                log = self._log_since(log_offset)
-                return _LaunchError(
-                    f"mosquitto exited with status {process.returncode} while starting "
-                    f"(ports {self._ports}, config {self.config_path})",
-                    log_tail=_tail(log),
-                    port_taken=any(marker in log for marker in _PORT_TAKEN),
-                )
-            if _RUNNING.search(self._log_since(log_offset)) and all(
-                _accepts_connections(self._host, port) for port in self._ports.values()
-            ):
-                return None
-            if time.monotonic() >= deadline:
-                process.kill()
-                process.wait()
-                return _LaunchError(
-                    f"mosquitto did not accept connections on ports {self._ports} within "
-                    f"{self._start_timeout_s:g} s (config {self.config_path})",
-                    log_tail=_tail(self._log_since(log_offset)),
-                )
-            # Waiting on the process doubles as the poll interval and notices an exit.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(_POLL_INTERVAL_S)
-
-    def _log_since(self, offset: int) -> bytes:
-        return read_log_since(self.log_path, offset)
-
-    def _terminate(self) -> None:
-        stop_process(self._process, self._stop_timeout_s, name="mosquitto")
-
-    def _discard(self) -> None:
-        self._terminate()
-        if self._dir is not None:
-            self._final_log = self.log_text()
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-
-class _LaunchError(MosquittoError):
-    """A start that failed; ``port_taken`` when it lost the race for a free port."""
-
-    def __init__(self, message: str, *, log_tail: str, port_taken: bool = False) -> None:
-        super().__init__(message, log_tail=log_tail)
-        self.port_taken = port_taken
+    def _describe(self) -> str:
+        return f"ports {self._ports}, config {self.config_path}"
 
 
 def _is_ip_address(host: str) -> bool:
@@ -542,15 +335,3 @@ def _is_ip_address(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _accepts_connections(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
-def _tail(log: bytes) -> str:
-    return log_tail(log, _LOG_TAIL_LINES)

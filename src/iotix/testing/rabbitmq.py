@@ -45,9 +45,10 @@ Facts worth knowing (RabbitMQ 3.10, Debian's ``rabbitmq-server``, Erlang 25):
 - The first start takes 5 to 10 seconds: the MQTT plugin waits 3 to 6 seconds for
   cluster peers before it elects itself leader of its client-id tracker (hard-coded in
   3.10). A restart on the same database skips that wait.
-- The ports are picked by binding port 0 and passing the numbers on. Another process
-  can take one in between; the node then fails to start and the start is retried on
-  new ports.
+- Free ports, the retried start, the stop and the log are
+  :class:`~iotix.testing.process.ServerProcess`'s (see :mod:`iotix.testing.process`).
+  A port taken before the node binds makes it fail with ``eaddrinuse``; a taken
+  ``epmd`` port makes ``epmd`` exit. Either way the start is retried on new ports.
 
 Nothing here is shared between servers: no module-level state, no global registry.
 """
@@ -59,21 +60,21 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
 
-from iotix.errors import IotixError
 from iotix.testing.nats import mqtt_connack
-from iotix.testing.process import log_tail, read_log_since
-
-if TYPE_CHECKING:
-    from types import TracebackType
+from iotix.testing.process import (
+    LaunchFailure,
+    ServerProcess,
+    ServerProcessError,
+    accepts_connections,
+    find_program,
+    pick_free_ports,
+)
 
 __all__ = [
     "RabbitMQNotFoundError",
@@ -94,22 +95,12 @@ _SCRIPT_DIRS = (
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin")
 _LOCAL_DIST = "-kernel inet_dist_use_interface {127,0,0,1} -start_epmd false"
 _PORT_TAKEN = (b"eaddrinuse", b"address already in use", b"Address already in use")
-_PORT_ATTEMPTS = 5
-_POLL_INTERVAL_S = 0.05
-_CONNECT_TIMEOUT_S = 0.2
-_LOG_TAIL_LINES = 40
 
 
-class RabbitMQServerError(IotixError):
-    """A RabbitMQ node could not be configured, started, stopped or restarted.
+class RabbitMQServerError(ServerProcessError):
+    """A RabbitMQ node could not be configured, started, stopped or restarted."""
 
-    ``log_tail`` holds the last lines of the node's log, where there is one.
-    """
-
-    def __init__(self, message: str, *, log_tail: str = "") -> None:
-        text = f"{message}\n--- rabbitmq log (last lines) ---\n{log_tail}" if log_tail else message
-        super().__init__(text)
-        self.log_tail = log_tail
+    _log_label = "rabbitmq"
 
 
 class RabbitMQNotFoundError(RabbitMQServerError):
@@ -129,18 +120,7 @@ def find_rabbitmq(program: str = "rabbitmq-server") -> Path | None:
     RabbitMQ's script directories come first: Debian's ``/usr/sbin`` ones are wrappers
     that switch to the ``rabbitmq`` user when run as root.
     """
-    for directory in _SCRIPT_DIRS:
-        candidate = Path(directory, program)
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    found = shutil.which(program)
-    if found is not None:
-        return Path(found)
-    for directory in _SBIN_DIRS:
-        candidate = Path(directory, program)
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    return find_program(program, before_path=_SCRIPT_DIRS, after_path=_SBIN_DIRS)
 
 
 def _find_epmd() -> Path | None:
@@ -155,13 +135,28 @@ def _find_epmd() -> Path | None:
     return None
 
 
-class RabbitMQServer:
+class RabbitMQServer(ServerProcess):
     """One private RabbitMQ node with the MQTT plugin, on free ports.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. ``port`` is the
     MQTT port. ``extra_config`` lines (``rabbitmq.conf`` syntax) are appended to the
-    generated configuration.
+    generated configuration. :attr:`pid` is the process id of the node's start script,
+    which is its process group's id too; the private :attr:`directory` holds the
+    configuration, the database and the logs, and :attr:`log_path` is the node's console
+    log.
     """
+
+    _program = "rabbitmq-server"
+    _file_stem = "rabbitmq"
+    _noun = "node"
+    _error = RabbitMQServerError
+    _readiness = "answer an MQTT CONNECT"
+    _port_taken_markers = _PORT_TAKEN
+    _poll_interval_s = 0.05
+    _log_tail_lines = 40
+    # A process group of its own: the script, the VM and its helpers, which kill() and
+    # a stuck stop() reach by the group's id, and nothing else.
+    _own_process_group = True
 
     def __init__(
         self,
@@ -174,24 +169,15 @@ class RabbitMQServer:
         if host not in ("127.0.0.1", "localhost"):
             # The node name is @localhost and guest may only log in from loopback.
             raise RabbitMQServerError(f"a private RabbitMQ node listens on 127.0.0.1, not {host}")
-        self._host = "127.0.0.1"
+        super().__init__(
+            host="127.0.0.1", start_timeout_s=start_timeout_s, stop_timeout_s=stop_timeout_s
+        )
         self._extra_config = tuple(extra_config)
-        self._start_timeout_s = start_timeout_s
-        self._stop_timeout_s = stop_timeout_s
         self._node = f"iotix-test-{uuid.uuid4().hex[:10]}@localhost"
-        self._dir: Path | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._ctl: Path | None = None
+        self._programs: _Programs | None = None
         self._epmd: subprocess.Popen[bytes] | None = None
-        self._ports: dict[str, int] = {}
-        self._final_log = ""
 
     # -- addresses -------------------------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        """The address every listener is bound to: 127.0.0.1."""
-        return self._host
 
     @property
     def port(self) -> int:
@@ -216,74 +202,14 @@ class RabbitMQServer:
     @property
     def url(self) -> str:
         """``mqtt://127.0.0.1:PORT`` for the MQTT listener."""
-        return f"mqtt://{self._host}:{self.port}"
+        return f"mqtt://{self._netloc(self.port)}"
 
     @property
     def node_name(self) -> str:
         """The node's name, ``iotix-test-<random>@localhost``."""
         return self._node
 
-    # -- state -----------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        """The process id of the node's start script (its process group's id too) while
-        it runs, else None."""
-        return self._process.pid if self.running and self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the node this object started is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def directory(self) -> Path | None:
-        """The private directory (configuration, database, logs), until :meth:`stop`."""
-        return self._dir
-
-    @property
-    def log_path(self) -> Path:
-        """The node's console log (its stdout and stderr), appended to across restarts."""
-        return self._require_dir() / "rabbitmq.log"
-
-    def log_text(self) -> str:
-        """Everything the node has logged, also after :meth:`stop`."""
-        if self._dir is None:
-            return self._final_log
-        with contextlib.suppress(FileNotFoundError):
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        return ""
-
     # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> Self:
-        """Start ``epmd`` and the node on new free ports, and wait until MQTT clients
-        get a CONNACK.
-
-        Raises :class:`RabbitMQNotFoundError` if RabbitMQ or ``epmd`` is not installed
-        and :class:`RabbitMQServerError` (with the log tail) if the node does not come up
-        within ``start_timeout_s``. A failed start leaves nothing behind.
-        """
-        if self.running:
-            raise RabbitMQServerError(f"node already running on port {self.port}")
-        programs = self._programs()
-        self._discard()
-        self._ctl = programs.ctl
-        self._dir = Path(tempfile.mkdtemp(prefix="iotix-rabbitmq-"))
-        try:
-            for directory in ("home", "mnesia", "log", "conf.d"):
-                (self._dir / directory).mkdir()
-            self._launch_on_free_ports(programs)
-        except BaseException:
-            self._discard()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """Stop the node (``rabbitmqctl stop``, then SIGKILL to what is left of its
-        process group after ``stop_timeout_s``) and its ``epmd``, and remove the
-        directory. Safe to call more than once."""
-        self._discard()
 
     def kill(self) -> None:
         """Crash the node (SIGKILL to its process group) and reap it; ``epmd``, the
@@ -292,51 +218,14 @@ class RabbitMQServer:
         if process is not None and process.poll() is None:
             _kill_group(process)
 
-    def restart(self) -> None:
-        """Stop the node if it runs (gracefully) and start it again on the same ports,
-        with the same database.
-
-        Raises :class:`RabbitMQServerError` if it was never started or was stopped, or
-        if a port has been taken meanwhile.
-        """
-        if self._dir is None or not self._ports or self._epmd is None:
-            raise RabbitMQServerError("restart() needs a node that was started and not stopped")
-        programs = self._programs()
-        self._ctl = programs.ctl
-        self._terminate()
-        error = self._launch(programs.server)
-        if error is not None:
-            raise error
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         state = f"running, pid {self.pid}" if self.running else "not running"
         where = f" {self.url}" if self._ports else ""
         return f"<RabbitMQServer {self._node}{where} ({state})>"
 
-    # -- internals -------------------------------------------------------------------
+    # -- hooks -----------------------------------------------------------------------
 
-    def _port(self, name: str) -> int:
-        if not self._ports:
-            raise RabbitMQServerError("the node has not been started")
-        return self._ports[name]
-
-    def _require_dir(self) -> Path:
-        if self._dir is None:
-            raise RabbitMQServerError("the node is not started (or was stopped)")
-        return self._dir
-
-    def _programs(self) -> _Programs:
+    def _resolve_binary(self) -> Path:
         server = find_rabbitmq("rabbitmq-server")
         if server is None:
             raise RabbitMQNotFoundError("rabbitmq-server")
@@ -346,7 +235,103 @@ class RabbitMQServer:
         epmd = _find_epmd()
         if epmd is None:
             raise RabbitMQNotFoundError("epmd")
-        return _Programs(server=server, ctl=ctl, epmd=epmd)
+        self._programs = _Programs(server=server, ctl=ctl, epmd=epmd)
+        return server
+
+    def _prepare_directory(self) -> None:
+        directory = self._require_dir()
+        for name in ("home", "mnesia", "log", "conf.d"):
+            (directory / name).mkdir()
+
+    def _pick_ports(self) -> dict[str, int]:
+        return pick_free_ports(self._host, ("epmd", "amqp", "dist", "mqtt"))
+
+    def _write_config(self) -> None:
+        directory = self._require_dir()
+        (directory / "rabbitmq.conf").write_text(self._config(), encoding="utf-8")
+        (directory / "enabled_plugins").write_text("[rabbitmq_mqtt].\n", encoding="utf-8")
+        (directory / "rabbitmq-env.conf").write_text("", encoding="utf-8")
+
+    def _command(self, binary: Path) -> list[str]:
+        return [str(binary)]
+
+    def _ready(self, log: bytes) -> bool:
+        # The log says the MQTT listener is ours before the CONNACK is trusted.
+        listening = f"started MQTT TCP listener on {self._host}:{self._ports['mqtt']}".encode()
+        return listening in log and mqtt_connack(self._host, self._ports["mqtt"]) == 0
+
+    def _describe(self) -> str:
+        return f"node {self._node}, ports {self._ports}"
+
+    def _start_helpers(self) -> LaunchFailure | None:
+        """Start the node's own ``epmd`` and wait until it listens."""
+        assert self._programs is not None  # noqa: S101 - set by _resolve_binary()
+        log_path = self._require_dir() / "epmd.log"
+        with log_path.open("ab") as log:
+            self._epmd = subprocess.Popen(  # noqa: S603  (Erlang's epmd, our port)
+                [str(self._programs.epmd), "-address", self._host, "-port", str(self.epmd_port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self._dir,
+                env=self._environment(),
+            )
+        deadline = time.monotonic() + 10.0
+        while not accepts_connections(self._host, self.epmd_port):
+            returncode = self._epmd.poll()
+            if returncode is not None or time.monotonic() >= deadline:
+                return self._launch_failure(
+                    f"epmd did not listen on port {self.epmd_port}",
+                    log_path.read_bytes(),
+                    port_taken=returncode is not None,  # it exits when it finds the port taken
+                )
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._epmd.wait(self._poll_interval_s)
+        return None
+
+    def _stop_helpers(self) -> None:
+        epmd, self._epmd = self._epmd, None
+        if epmd is None or epmd.poll() is not None:
+            return
+        epmd.terminate()
+        try:
+            epmd.wait(self._stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            epmd.kill()
+            epmd.wait()
+
+    def _terminate(self) -> None:
+        """Stop the node gracefully (``rabbitmqctl stop``), by force if that fails."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        if self._programs is not None:
+            ctl_dist_port = pick_free_ports(self._host, ("ctl",))["ctl"]
+            try:
+                result = subprocess.run(  # noqa: S603  (RabbitMQ's script, our node)
+                    [str(self._programs.ctl), "-n", self._node, "stop"],
+                    capture_output=True,
+                    cwd=self._dir,
+                    env=self._environment(ctl_dist_port=ctl_dist_port),
+                    timeout=self._stop_timeout_s,
+                    check=False,
+                )
+                if result.returncode != 0:
+                    _log.warning(
+                        "rabbitmqctl stop of %s failed (%d): %s",
+                        self._node,
+                        result.returncode,
+                        (result.stderr or result.stdout).decode(errors="replace").strip(),
+                    )
+            except subprocess.TimeoutExpired:
+                _log.warning("rabbitmqctl stop of %s timed out", self._node)
+        try:
+            process.wait(self._stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            _log.warning("rabbitmq node %s did not stop; killing it", self._node)
+        _kill_group(process)
+
+    # -- internals -------------------------------------------------------------------
 
     def _config(self) -> str:
         lines = [
@@ -403,155 +388,6 @@ class RabbitMQServer:
             )
         return env
 
-    def _launch_on_free_ports(self, programs: _Programs) -> None:
-        for attempt in range(1, _PORT_ATTEMPTS + 1):
-            self._ports = _pick_ports(self._host, ("epmd", "amqp", "dist", "mqtt"))
-            error = self._start_epmd(programs.epmd) or self._launch(programs.server)
-            if error is None:
-                return
-            self._stop_epmd()
-            if not error.port_taken or attempt == _PORT_ATTEMPTS:
-                raise error
-            _log.debug("rabbitmq lost the race for port(s) %s; retrying", self._ports)
-
-    def _start_epmd(self, epmd: Path) -> _LaunchError | None:
-        log_path = self._require_dir() / "epmd.log"
-        with log_path.open("ab") as log:
-            self._epmd = subprocess.Popen(  # noqa: S603  (Erlang's epmd, our port)
-                [str(epmd), "-address", self._host, "-port", str(self._ports["epmd"])],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self._dir,
-                env=self._environment(),
-            )
-        deadline = time.monotonic() + 10.0
-        while not _accepts_connections(self._host, self._ports["epmd"]):
-            returncode = self._epmd.poll()
-            if returncode is not None or time.monotonic() >= deadline:
-                text = log_path.read_bytes()
-                return _LaunchError(
-                    f"epmd did not listen on port {self._ports['epmd']}",
-                    log_tail=_tail(text),
-                    port_taken=returncode is not None,  # it exits when it finds the port taken
-                )
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._epmd.wait(_POLL_INTERVAL_S)
-        return None
-
-    def _launch(self, server: Path) -> _LaunchError | None:
-        """Write the configuration, start the node and wait until it is up.
-
-        Returns None when it is up; otherwise the node is gone and the error says why.
-        """
-        directory = self._require_dir()
-        (directory / "rabbitmq.conf").write_text(self._config(), encoding="utf-8")
-        (directory / "enabled_plugins").write_text("[rabbitmq_mqtt].\n", encoding="utf-8")
-        (directory / "rabbitmq-env.conf").write_text("", encoding="utf-8")
-        log_path = self.log_path
-        log_offset = log_path.stat().st_size if log_path.exists() else 0
-        with log_path.open("ab") as log:
-            self._process = subprocess.Popen(  # noqa: S603  (RabbitMQ's script, our files)
-                [str(server)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=directory,
-                env=self._environment(),
-                # A process group of its own: the script, the VM and its helpers, which
-                # kill() and a stuck stop() reach by the group's id, and nothing else.
-                start_new_session=True,
-            )
-        _log.debug(
-            "started rabbitmq node %s pid %d on %s", self._node, self._process.pid, self._ports
-        )
-        return self._wait_until_up(self._process, log_offset)
-
-    def _wait_until_up(
-        self, process: subprocess.Popen[bytes], log_offset: int
-    ) -> _LaunchError | None:
-        deadline = time.monotonic() + self._start_timeout_s
-        listening = f"started MQTT TCP listener on {self._host}:{self._ports['mqtt']}".encode()
-        while True:
-            if process.poll() is not None:
-                log = self._log_since(log_offset)
-                return _LaunchError(
-                    f"rabbitmq-server exited with status {process.returncode} while starting "
-                    f"(node {self._node}, ports {self._ports})",
-                    log_tail=_tail(log),
-                    port_taken=any(marker in log for marker in _PORT_TAKEN),
-                )
-            # The log says the MQTT listener is ours before the CONNACK is trusted.
-            if listening in self._log_since(log_offset) and (
-                mqtt_connack(self._host, self._ports["mqtt"]) == 0
-            ):
-                return None
-            if time.monotonic() >= deadline:
-                _kill_group(process)
-                return _LaunchError(
-                    f"rabbitmq node {self._node} did not answer an MQTT CONNECT on port "
-                    f"{self._ports['mqtt']} within {self._start_timeout_s:g} s",
-                    log_tail=_tail(self._log_since(log_offset)),
-                )
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(_POLL_INTERVAL_S)
-
-    def _log_since(self, offset: int) -> bytes:
-        return read_log_since(self.log_path, offset)
-
-    def _terminate(self) -> None:
-        """Stop the node gracefully (``rabbitmqctl stop``), by force if that fails."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        ctl = self._ctl
-        if ctl is not None:
-            ctl_dist_port = _pick_ports(self._host, ("ctl",))["ctl"]
-            try:
-                result = subprocess.run(  # noqa: S603  (RabbitMQ's script, our node)
-                    [str(ctl), "-n", self._node, "stop"],
-                    capture_output=True,
-                    cwd=self._dir,
-                    env=self._environment(ctl_dist_port=ctl_dist_port),
-                    timeout=self._stop_timeout_s,
-                    check=False,
-                )
-                if result.returncode != 0:
-                    _log.warning(
-                        "rabbitmqctl stop of %s failed (%d): %s",
-                        self._node,
-                        result.returncode,
-                        (result.stderr or result.stdout).decode(errors="replace").strip(),
-                    )
-            except subprocess.TimeoutExpired:
-                _log.warning("rabbitmqctl stop of %s timed out", self._node)
-        try:
-            process.wait(self._stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            _log.warning("rabbitmq node %s did not stop; killing it", self._node)
-        _kill_group(process)
-
-    def _stop_epmd(self) -> None:
-        epmd, self._epmd = self._epmd, None
-        if epmd is None or epmd.poll() is not None:
-            return
-        epmd.terminate()
-        try:
-            epmd.wait(self._stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            epmd.kill()
-            epmd.wait()
-
-    def _discard(self) -> None:
-        try:
-            self._terminate()
-        finally:
-            self._stop_epmd()
-            if self._dir is not None:
-                self._final_log = self.log_text()
-                shutil.rmtree(self._dir, ignore_errors=True)
-                self._dir = None
-
 
 @dataclass(frozen=True)
 class _Programs:
@@ -560,14 +396,6 @@ class _Programs:
     server: Path
     ctl: Path
     epmd: Path
-
-
-class _LaunchError(RabbitMQServerError):
-    """A start that failed; ``port_taken`` when it lost the race for a free port."""
-
-    def __init__(self, message: str, *, log_tail: str, port_taken: bool = False) -> None:
-        super().__init__(message, log_tail=log_tail)
-        self.port_taken = port_taken
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -582,24 +410,3 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-
-
-def _pick_ports(host: str, names: tuple[str, ...]) -> dict[str, int]:
-    """A free port per name, all distinct: every socket stays bound until all are chosen."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in names]
-        for sock in sockets:
-            sock.bind((host, 0))
-        return {name: sock.getsockname()[1] for name, sock in zip(names, sockets, strict=True)}
-
-
-def _accepts_connections(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
-def _tail(log: bytes) -> str:
-    return log_tail(log, _LOG_TAIL_LINES)

