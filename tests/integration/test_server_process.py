@@ -21,7 +21,7 @@ from iotix.testing.process import (
 # "crash" exits before binding, "mute" binds but never listens.
 FAKE_SERVER = textwrap.dedent(
     """
-    import socket, sys, time
+    import signal, socket, sys
 
     host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if mode == "crash":
@@ -34,7 +34,7 @@ FAKE_SERVER = textwrap.dedent(
         print(f"fake: {exc.strerror}", file=sys.stderr, flush=True)
         sys.exit(1)
     if mode == "mute":
-        time.sleep(60)
+        signal.pause()  # until the fixture gives up and stops it
     sock.listen()
     print("fake: ready", flush=True)
     while True:
