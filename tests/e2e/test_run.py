@@ -44,6 +44,7 @@ def telemetry(broker: MosquittoBroker) -> Iterator[queue.Queue[bytes]]:
     yield received
     watcher.loop_stop()
     watcher.disconnect()
+    watcher._reset_sockets()  # paho closes its wake-up socket pair only in __del__ (#627)
 
 
 def run_json(run_cli: RunCLI, tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -81,6 +82,7 @@ def test_run_connects_every_device_and_accounts_for_every_message(
     finally:
         probe.loop_stop()
         probe.disconnect()
+        probe._reset_sockets()  # as above
     assert code == 0, output
     summary = document["summary"]
     assert summary["connects"] == 30

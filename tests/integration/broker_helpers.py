@@ -88,6 +88,25 @@ class PahoClient:
     def receive(self) -> mqtt.MQTTMessage:
         return self.messages.get(timeout=TIMEOUT_S)
 
+    def close(self) -> None:
+        """Stop the network thread and close every socket paho holds.
+
+        ``loop_stop()`` leaves open the loopback TCP pair ``loop_start()`` made to wake
+        its ``select()``: paho closes it only in ``Client.__del__``. This object and its
+        client form a cycle (the callbacks are bound methods), so that waits for the
+        cyclic GC, which may finalise the sockets before the client: a ResourceWarning
+        in whichever later test the GC runs (eclipse-paho/paho.mqtt.python#627). paho
+        has no public call for it, so this uses the one ``__del__`` uses.
+        """
+        stop_paho(self.client)
+
+
+def stop_paho(client: mqtt.Client) -> None:
+    """Stop a paho client's network thread and close the socket pair it wakes on (see
+    :meth:`PahoClient.close`)."""
+    client.loop_stop()
+    client._reset_sockets()  # what paho's own __del__ calls
+
 
 async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
     """Wait (bounded) for a condition that the loop's own work makes true: the state is

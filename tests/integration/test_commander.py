@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import paho.mqtt.client as paho
 import pytest
-from broker_helpers import TIMEOUT_S, until
+from broker_helpers import TIMEOUT_S, stop_paho, until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotix.clock import WallClock
@@ -309,4 +309,4 @@ def publish(broker: MosquittoBroker, topic: str, payload: dict[str, Any], times:
             assert info.is_published()
     finally:
         client.disconnect()
-        client.loop_stop()
+        stop_paho(client)

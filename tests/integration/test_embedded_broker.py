@@ -44,7 +44,7 @@ def paho_client(broker: EmbeddedBroker) -> Iterator[PahoClient]:
         yield paho
     finally:
         paho.client.disconnect()
-        paho.client.loop_stop()
+        paho.close()
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_stop_disconnects_clients_and_frees_the_port() -> None:
         assert paho.connack.wait(TIMEOUT_S), "no CONNACK"
         embedded.stop()
         assert paho.disconnected.wait(TIMEOUT_S), "the client was not disconnected"
-        paho.client.loop_stop()
+        paho.close()
     finally:
         embedded.stop()
     assert not embedded.running

@@ -80,7 +80,7 @@ def subscriber(broker: MosquittoBroker) -> Iterator[PahoClient]:
         yield client
     finally:
         client.client.disconnect()
-        client.client.loop_stop()
+        client.close()
 
 
 @pytest.fixture

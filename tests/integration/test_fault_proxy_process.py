@@ -38,7 +38,7 @@ def test_a_proxy_process_forwards_applies_faults_and_reports(
         [fault] = stats["faults"]
         assert (fault["kind"], fault["active"]) == ("Blackhole", True)
         paho.client.disconnect()
-        paho.client.loop_stop()
+        paho.close()
     finally:
         asyncio.run(proxy.stop())
     [fault] = proxy.stats()["faults"]  # kept from the stop: reverted
@@ -54,13 +54,13 @@ def test_a_proxy_process_fails_over_to_another_broker(
         paho = _connected_through(proxy.port)
         assert proxy.retarget(mosquitto_session.host, mosquitto_session.port) == 1
         assert paho.disconnected.wait(TIMEOUT_S)  # its connection was reset
-        paho.client.loop_stop()
+        paho.close()
         again = _connected_through(proxy.port)  # lands on the other broker
         stats = proxy.stats()
         assert stats["retargets"] == 1
         assert stats["target"]["port"] == mosquitto_session.port
         again.client.disconnect()
-        again.client.loop_stop()
+        again.close()
     finally:
         asyncio.run(proxy.stop())
 

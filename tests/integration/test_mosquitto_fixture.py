@@ -54,7 +54,7 @@ def paho_client(
         yield paho
     finally:
         paho.client.disconnect()
-        paho.client.loop_stop()
+        paho.close()
 
 
 @contextlib.contextmanager
@@ -390,4 +390,4 @@ def test_tls_listener_requiring_certificates_refuses_a_client_without_one(
             assert not paho.connack.is_set()
         finally:
             paho.client.disconnect()
-            paho.client.loop_stop()
+            paho.close()

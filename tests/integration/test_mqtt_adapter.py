@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 import pytest
+from broker_helpers import stop_paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotix.adapters.mqtt import MQTTConnectError, open_connection
@@ -52,7 +53,7 @@ class Subscriber:
 
     def close(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        stop_paho(self.client)
 
 
 @pytest.fixture
@@ -138,7 +139,7 @@ def test_commands_from_paho_reach_an_iotix_subscriber(
                 TIMEOUT_S
             )
         sender.disconnect()
-        sender.loop_stop()
+        stop_paho(sender)
         events = [await asyncio.wait_for(received.get(), TIMEOUT_S) for _ in range(3)]
         await connection.disconnect()
         return events

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import paho.mqtt.client as paho
 import pytest
-from broker_helpers import until
+from broker_helpers import stop_paho, until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iotix.clock import WallClock
@@ -48,7 +48,7 @@ def publish(broker: MosquittoBroker, messages: Iterable[tuple[str, bytes]]) -> N
             assert info.is_published()
     finally:
         client.disconnect()
-        client.loop_stop()
+        stop_paho(client)
 
 
 def telemetry(device_id: str, seq: int) -> bytes:

@@ -103,7 +103,7 @@ def paho_websocket_subscriber(
         yield paho
     finally:
         paho.client.disconnect()
-        paho.client.loop_stop()
+        paho.close()
 
 
 async def open_mqtt_over_websocket(
@@ -158,7 +158,7 @@ def paho_tcp_subscriber(host: str, port: int, topic: str, qos: int) -> Iterator[
         yield paho
     finally:
         paho.client.disconnect()
-        paho.client.loop_stop()
+        paho.close()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -249,7 +249,7 @@ def test_an_iotix_websocket_subscriber_receives_what_paho_publishes_to_mosquitto
                     received.append((message.payload, message.qos))
             finally:
                 publisher.client.disconnect()
-                publisher.client.loop_stop()
+                publisher.close()
             await connection.disconnect()
         return suback.reason_codes, received
 
@@ -383,7 +383,7 @@ def test_iotix_subscriber_over_websocket_receives_what_paho_publishes(
                 received = [(await messages.get()).payload for _ in payloads]
             finally:
                 publisher.client.disconnect()
-                publisher.client.loop_stop()
+                publisher.close()
             await connection.disconnect()
         return received
 

@@ -185,7 +185,7 @@ def test_a_reboot_command_drops_the_connection_until_the_device_is_back(
         reply = paho.receive()
     finally:
         paho.client.disconnect()
-        paho.client.loop_stop()
+        paho.close()
     assert reply.topic == f"devices/{worker.batch.device_ids[1]}/replies/reboot"
     assert b'"status":"ok"' in reply.payload
     counters = worker.counters
@@ -248,7 +248,7 @@ def test_birth_on_every_connect_and_the_will_when_a_device_vanishes(
         seen = [paho.receive() for _ in range(4)]
     finally:
         paho.client.disconnect()
-        paho.client.loop_stop()
+        paho.close()
     first, second = worker.batch.device_ids
     births = [m for m in seen if m.payload != b"offline"]
     wills = [m for m in seen if m.payload == b"offline"]

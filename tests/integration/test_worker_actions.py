@@ -96,7 +96,7 @@ def test_a_clean_disconnect_sends_no_will_and_a_drop_does(mosquitto: MosquittoBr
         worker = _run(mosquitto, 4, steps, model=STATUS_MODEL)
     finally:
         paho.client.disconnect()
-        paho.client.loop_stop()
+        paho.close()
     assert seen.count(b"offline") == 4
     assert worker.counters.reconnects == 8
 
@@ -132,7 +132,7 @@ def test_set_gives_the_field_its_new_value_in_the_telemetry(mosquitto: Mosquitto
         _run(mosquitto, 3, wait_for_seven, model=model)
     finally:
         paho.client.disconnect()
-        paho.client.loop_stop()
+        paho.close()
 
 
 def test_credentials_from_a_csv_file_are_each_devices_own(
