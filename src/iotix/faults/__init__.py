@@ -8,26 +8,28 @@ connections or to a deterministic share of them, and :meth:`FaultProxy.retarget`
 it to another broker (failover). :class:`UDPFaultProxy` does the same for datagrams
 (:class:`Loss`, :class:`Duplicate`, :class:`Reorder`, :class:`Latency`,
 :class:`Blackhole`). :func:`netem_support` tells whether kernel netem could be used
-here. See :mod:`iotix.faults.proxy`, :mod:`iotix.faults.udp` and
-:mod:`iotix.faults.netem`, and docs/faults.md.
+here. See :mod:`iotix.faults.proxy`, :mod:`iotix.faults.udp` (both built on
+:mod:`iotix.faults.common`) and :mod:`iotix.faults.netem`, and docs/faults.md.
 """
 
+from iotix.faults.common import (
+    BaseFaultHandle,
+    Blackhole,
+    FaultSpec,
+    Latency,
+    selects,
+    share_rank,
+)
 from iotix.faults.netem import NetemSupport, netem_support
 from iotix.faults.proxy import (
     TCP_FAULTS,
     Bandwidth,
-    BaseFaultHandle,
-    Blackhole,
     FaultHandle,
     FaultProxy,
-    FaultSpec,
-    Latency,
     Partition,
     Reset,
     SlowClose,
     TargetDown,
-    selects,
-    share_rank,
 )
 from iotix.faults.udp import (
     UDP_FAULTS,

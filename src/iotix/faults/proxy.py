@@ -15,7 +15,9 @@ reverted) and ``share`` (the fraction of connections it affects). :meth:`FaultPr
 makes it active at once and returns a :class:`FaultHandle`; a loop timer reverts it when
 ``duration_s`` runs out, :meth:`FaultHandle.revert` earlier (idempotent), and
 :meth:`FaultProxy.stop` (also run when the task inside ``async with`` is cancelled)
-reverts every fault and closes every socket.
+reverts every fault and closes every socket. What both proxies share (the specs of
+every fault, shares, handles, start, stop, apply and revert) is in
+:mod:`iotix.faults.common`; this module adds the TCP faults and the forwarding.
 
 **Which connections a share selects.** A connection is known by the client's source
 address and port. Each gets a rank in [0, 1) from a hash of (proxy seed, address,
@@ -64,16 +66,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
-import random
 import socket
 import struct
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Self, cast
+from dataclasses import dataclass
+from typing import Any, ClassVar, cast
 
-if TYPE_CHECKING:
-    from types import TracebackType
+from iotix.faults.common import (
+    BaseFaultHandle,
+    BaseFaultProxy,
+    Blackhole,
+    FaultSpec,
+    Latency,
+    selects,
+    share_rank,
+)
 
+# BaseFaultHandle, Blackhole, FaultSpec, Latency, selects and share_rank live in
+# iotix.faults.common (the UDP proxy uses them too) and are re-exported here.
 __all__ = [
     "QUEUE_HIGH_BYTES",
     "TCP_FAULTS",
@@ -105,38 +114,6 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 # --- fault specs --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FaultSpec:
-    """What every fault has: how long it lasts and which share of connections it hits."""
-
-    duration_s: float | None = None
-    """Reverted after this long; None: until reverted (or the proxy stops)."""
-    share: float = 1.0
-    """Fraction of connections affected, chosen by rank (see the module docstring)."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.share <= 1.0:
-            msg = f"share must be within 0 and 1, not {self.share}"
-            raise ValueError(msg)
-        if self.duration_s is not None and self.duration_s <= 0:
-            msg = f"duration_s must be positive or None, not {self.duration_s}"
-            raise ValueError(msg)
-
-
-@dataclass(frozen=True, slots=True)
-class Latency(FaultSpec):
-    """Forward every chunk ``delay_s`` ± ``jitter_s`` later, in order."""
-
-    delay_s: float
-    jitter_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        super(Latency, self).__post_init__()
-        if self.delay_s < 0 or self.jitter_s < 0:
-            msg = "delay_s and jitter_s must not be negative"
-            raise ValueError(msg)
-
-
 @dataclass(frozen=True, slots=True)
 class Bandwidth(FaultSpec):
     """Limit each direction of each connection to ``bytes_per_s`` (token bucket)."""
@@ -152,11 +129,6 @@ class Bandwidth(FaultSpec):
         if self.bytes_per_s <= 0 or self.burst_bytes < _MIN_BURST_BYTES:
             msg = f"bytes_per_s must be positive and burst_bytes at least {_MIN_BURST_BYTES}"
             raise ValueError(msg)
-
-
-@dataclass(frozen=True, slots=True)
-class Blackhole(FaultSpec):
-    """Forward nothing either way (dropped, not held), keeping the sockets open."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,80 +163,7 @@ TCP_FAULTS = (Latency, Bandwidth, Blackhole, Reset, SlowClose, Partition, Target
 """The fault kinds :class:`FaultProxy` applies."""
 
 
-def selects(spec: FaultSpec, rank: float) -> bool:
-    """Whether a fault applies to a connection of this rank (see the module docstring)."""
-    return rank < spec.share
-
-
-def share_rank(seed: int, peer: Any) -> float:
-    """A client's place in [0, 1), from the seed and its address and port: a fault of
-    share ``s`` selects the clients ranked below ``s``."""
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        key = f"{seed}|{peer[0]}|{peer[1]}"
-    else:  # a Unix socket or an unknown peer: all such connections rank alike
-        key = f"{seed}|{peer}"
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
-
-
 # --- handles ------------------------------------------------------------------------
-
-
-class _FaultOwner(Protocol):
-    """The proxy a handle tells when its fault ends."""
-
-    def _reverted(self, handle: Any) -> None: ...
-
-
-class BaseFaultHandle:
-    """What every applied fault has, whichever proxy applied it: its spec, whether it is
-    in force, when it began and ended, and :meth:`revert`. Each proxy's handle adds the
-    counters of what the fault did there (:class:`FaultHandle` for TCP,
-    :class:`~iotix.faults.udp.UDPFaultHandle` for UDP)."""
-
-    __slots__ = ("_owner", "_timer", "active", "applied_at_s", "reverted_at_s", "spec")
-
-    def __init__(self, owner: _FaultOwner, spec: FaultSpec, now_s: float) -> None:
-        self._owner = owner
-        self._timer: asyncio.TimerHandle | None = None
-        self.spec = spec
-        self.active = True
-        self.applied_at_s = now_s
-        self.reverted_at_s: float | None = None
-
-    def revert(self) -> None:
-        """End the fault now; a no-op when it has ended already."""
-        if not self.active:
-            return
-        self.active = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._owner._reverted(self)  # noqa: SLF001 - the proxy's own bookkeeping
-
-    def expire_after(self, loop: asyncio.AbstractEventLoop, duration_s: float | None) -> None:
-        """Revert the fault ``duration_s`` from now (None: never by itself)."""
-        if duration_s is not None:
-            self._timer = loop.call_later(duration_s, self.revert)
-
-    def stats(self) -> dict[str, Any]:
-        """The spec and counters, as plain data for reports."""
-        return {
-            "kind": type(self.spec).__name__,
-            "spec": asdict(self.spec),
-            "active": self.active,
-            "applied_at_s": self.applied_at_s,
-            "reverted_at_s": self.reverted_at_s,
-            **self.counters(),
-        }
-
-    def counters(self) -> dict[str, int]:
-        """What the fault did so far (the subclass's counters)."""
-        return {}
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "reverted"
-        return f"<{type(self).__name__} {self.spec!r} {state}>"
 
 
 class FaultHandle(BaseFaultHandle):
@@ -584,11 +483,14 @@ class _Link:
 # --- the proxy ----------------------------------------------------------------------
 
 
-class FaultProxy:
+class FaultProxy(BaseFaultProxy[FaultHandle]):
     """A TCP proxy to ``target_host:target_port`` that applies faults (module docstring).
 
     ``seed`` decides which connections a ``share`` selects and the jitter drawn.
     """
+
+    faults: ClassVar[tuple[type[FaultSpec], ...]] = TCP_FAULTS
+    _wrong_fault = "a TCP proxy cannot apply {kind} (UDP faults need UDPFaultProxy)"
 
     def __init__(
         self,
@@ -599,118 +501,53 @@ class FaultProxy:
         listen_port: int = 0,
         seed: int = 0,
     ) -> None:
-        self.target_host = target_host
-        self.target_port = target_port
-        self.listen_host = listen_host
-        self.listen_port = listen_port
-        self.seed = seed
-        self.rng = random.Random(seed)  # noqa: S311 - jitter, not security
-        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(
+            target_host, target_port, listen_host=listen_host, listen_port=listen_port, seed=seed
+        )
         self._server: asyncio.AbstractServer | None = None
-        self._port: int | None = None
         self._links: set[_Link] = set()
-        self._active: list[FaultHandle] = []
-        self._history: list[FaultHandle] = []
-        self._idle: asyncio.Future[None] | None = None
         self.connections_accepted = 0
-        self.upstream_failures = 0
-        """Connections dropped because the target could not be reached."""
         self.retargets = 0
         """Times :meth:`retarget` moved the proxy to another target."""
 
     # --- lifecycle ------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._server is not None:
-            msg = "the proxy is running already"
-            raise RuntimeError(msg)
-        self._loop = asyncio.get_running_loop()
-        self._server = await self._loop.create_server(
+    async def _listen(self) -> int:
+        self._server = await self.loop.create_server(
             lambda: _Link(self).client, self.listen_host, self.listen_port
         )
-        self._port = self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
-    async def stop(self) -> None:
-        """Revert every fault, close every connection and stop listening."""
+    async def _shut(self) -> None:
         server, self._server = self._server, None
         if server is None:
             return
-        # Everything that matters happens before the first await, so a stop run from a
-        # cancelled task (``async with``'s exit) cannot be cut short halfway.
-        for handle in list(self._active):
-            handle.revert()
         server.close()
         for link in list(self._links):
             link.reset()
-        if self._links:
-            self._idle = self.loop.create_future()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await self._idle
+        await self._wait_idle(busy=bool(self._links))
         await server.wait_closed()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            msg = "the proxy has not started"
-            raise RuntimeError(msg)
-        return self._loop
-
-    @property
-    def port(self) -> int:
-        """The port the proxy listens on (once started)."""
-        if self._port is None:
-            msg = "the proxy has not started"
-            raise RuntimeError(msg)
-        return self._port
 
     @property
     def connections(self) -> int:
         """Connections open now (either socket still open)."""
         return len(self._links)
 
-    @property
-    def active(self) -> list[FaultHandle]:
-        """The faults in force now, oldest first."""
-        return list(self._active)
-
     # --- faults ---------------------------------------------------------------------
 
-    def apply(self, spec: FaultSpec) -> FaultHandle:
-        """Put a fault in force now; it is reverted after ``spec.duration_s``."""
-        if not isinstance(spec, TCP_FAULTS):
-            msg = f"a TCP proxy cannot apply {type(spec).__name__} (UDP faults need UDPFaultProxy)"
-            raise TypeError(msg)
-        if self._server is None:
-            msg = "the proxy is not running"
-            raise RuntimeError(msg)
-        loop = self.loop
-        handle = FaultHandle(self, spec, loop.time())
-        self._history.append(handle)
+    def _handle(self, spec: FaultSpec, now_s: float) -> FaultHandle:
+        return FaultHandle(self, spec, now_s)
+
+    def _strike(self, handle: FaultHandle) -> None:
+        spec = handle.spec
         if isinstance(spec, Reset | TargetDown):
             for link in [link for link in self._links if selects(spec, link.rank)]:
                 link.reset()
                 handle.connections_reset += 1
-        if isinstance(spec, Reset):
+        if isinstance(spec, Reset):  # a one-shot: over once done
             handle.active = False
             handle.reverted_at_s = handle.applied_at_s
-            return handle
-        self._active.append(handle)
-        handle.expire_after(loop, spec.duration_s)
-        self._refresh()
-        return handle
 
     def retarget(self, host: str, port: int, *, reset_existing: bool = True) -> int:
         """Forward connections to ``host:port`` from now on: a virtual IP moving to a
@@ -732,22 +569,13 @@ class FaultProxy:
             link.reset()
         return len(links)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of the proxy and of every fault applied so far, for reports."""
+    def counters(self) -> dict[str, Any]:
         return {
-            "target": {"host": self.target_host, "port": self.target_port},
             "retargets": self.retargets,
             "connections": self.connections,
             "connections_accepted": self.connections_accepted,
             "upstream_failures": self.upstream_failures,
-            "faults": [handle.stats() for handle in self._history],
         }
-
-    def _reverted(self, handle: FaultHandle) -> None:
-        handle.reverted_at_s = self.loop.time()
-        with contextlib.suppress(ValueError):
-            self._active.remove(handle)
-        self._refresh()
 
     def _refresh(self) -> None:
         active = self._active
@@ -792,5 +620,5 @@ class FaultProxy:
 
     def _forget(self, link: _Link) -> None:
         self._links.discard(link)
-        if not self._links and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
+        if not self._links:
+            self._now_idle()

@@ -17,21 +17,22 @@ from which the target's replies are routed back to that client. A session with n
 datagram either way for ``idle_timeout_s`` is closed (its upstream socket with it); the
 client's next datagram opens a new one, on a new upstream port, as a NAT would.
 
-**Faults** are the TCP proxy's :class:`~iotix.faults.proxy.FaultSpec` kinds, with the
-same ``duration_s`` and ``share``, the same handles (:class:`UDPFaultHandle` adds
+**Faults** are :class:`~iotix.faults.common.FaultSpec` kinds, as for the TCP proxy, with
+the same ``duration_s`` and ``share``, the same handles (:class:`UDPFaultHandle` adds
 datagram counters) and the same reverts: when ``duration_s`` runs out, on
-:meth:`~iotix.faults.proxy.BaseFaultHandle.revert`, and on :meth:`UDPFaultProxy.stop`
-(also run when the task inside ``async with`` is cancelled). ``share`` selects client
-addresses by the same hashed rank as the TCP proxy (:func:`~iotix.faults.proxy.share_rank`
-of the seed and the client's address and port). Every fault applies to each datagram,
-in both directions, decided when the datagram arrives at the proxy:
+:meth:`~iotix.faults.common.BaseFaultHandle.revert`, and on :meth:`UDPFaultProxy.stop`
+(also run when the task inside ``async with`` is cancelled); the bookkeeping is
+:class:`~iotix.faults.common.BaseFaultProxy`'s. ``share`` selects client addresses by
+the same hashed rank as the TCP proxy (:func:`~iotix.faults.common.share_rank` of the
+seed and the client's address and port). Every fault applies to each datagram, in both
+directions, decided when the datagram arrives at the proxy:
 
-- :class:`~iotix.faults.proxy.Blackhole`: dropped (also when it starts while a datagram
+- :class:`~iotix.faults.common.Blackhole`: dropped (also when it starts while a datagram
   is held back by a delay).
 - :class:`Loss`: dropped with ``probability``; several losses draw independently.
 - :class:`Duplicate`: sent twice with ``probability`` (the copy right after the
   original); each duplicate fault adds its own copy.
-- :class:`~iotix.faults.proxy.Latency`: sent ``delay_s`` ± ``jitter_s`` (uniform) later,
+- :class:`~iotix.faults.common.Latency`: sent ``delay_s`` ± ``jitter_s`` (uniform) later,
   never before a datagram that arrived earlier in the same direction (as netem with a
   FIFO child: jitter alone does not reorder; :class:`Reorder` does). Latencies add up.
 - :class:`Reorder`: with ``probability``, held back ``delay_s`` more, outside that
@@ -49,15 +50,14 @@ as ``overflowed``), since UDP has no flow control to push back with.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
-import random
 import socket
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from iotix.faults.proxy import (
+from iotix.faults.common import (
     BaseFaultHandle,
+    BaseFaultProxy,
     Blackhole,
     FaultSpec,
     Latency,
@@ -67,7 +67,6 @@ from iotix.faults.proxy import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import TracebackType
 
 __all__ = [
     "IDLE_TIMEOUT_S",
@@ -88,7 +87,6 @@ IDLE_TIMEOUT_S = 60.0
 """A session without a datagram either way for this long is closed (the default)."""
 _BATCH_S = 0.001
 """Datagrams due within this much of each other are sent together, from one timer."""
-_STOP_TIMEOUT_S = 5.0
 
 
 # --- fault specs --------------------------------------------------------------------
@@ -452,12 +450,15 @@ class _Listener(asyncio.DatagramProtocol):
 # --- the proxy ----------------------------------------------------------------------
 
 
-class UDPFaultProxy:
+class UDPFaultProxy(BaseFaultProxy[UDPFaultHandle]):
     """A UDP proxy to ``target_host:target_port`` that applies faults (module docstring).
 
     ``seed`` decides which client addresses a ``share`` selects and every draw (loss,
     duplication, reordering, jitter).
     """
+
+    faults: ClassVar[tuple[type[FaultSpec], ...]] = UDP_FAULTS
+    _wrong_fault = "a UDP proxy cannot apply {kind} (TCP faults need FaultProxy)"
 
     def __init__(
         self,
@@ -472,28 +473,18 @@ class UDPFaultProxy:
         if idle_timeout_s <= 0:
             msg = f"idle_timeout_s must be positive, not {idle_timeout_s}"
             raise ValueError(msg)
-        self.target_host = target_host
-        self.target_port = target_port
-        self.listen_host = listen_host
-        self.listen_port = listen_port
-        self.seed = seed
+        super().__init__(
+            target_host, target_port, listen_host=listen_host, listen_port=listen_port, seed=seed
+        )
         self.idle_timeout_s = idle_timeout_s
-        self.rng = random.Random(seed)  # noqa: S311 - fault draws, not security
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: asyncio.DatagramTransport | None = None
-        self._port: int | None = None
         self._target: tuple[socket.AddressFamily, Any] | None = None
         self._sessions: dict[Any, _Session] = {}
-        self._active: list[UDPFaultHandle] = []
-        self._history: list[UDPFaultHandle] = []
         self._open_transports = 0
-        self._idle: asyncio.Future[None] | None = None
         self.to_target = DatagramCounters()
         self.to_client = DatagramCounters()
         self.sessions_opened = 0
         self.sessions_expired = 0
-        self.upstream_failures = 0
-        """Sessions whose upstream socket could not be made (their datagrams dropped)."""
         self.upstream_errors = 0
         """ICMP errors on upstream sockets: the target did not listen."""
         self.client_errors = 0
@@ -501,11 +492,8 @@ class UDPFaultProxy:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._listener is not None:
-            msg = "the proxy is running already"
-            raise RuntimeError(msg)
-        loop = self._loop = asyncio.get_running_loop()
+    async def _listen(self) -> int:
+        loop = self.loop
         # Resolved once, so that a session opens its socket without a lookup.
         infos = await loop.getaddrinfo(self.target_host, self.target_port, type=socket.SOCK_DGRAM)
         family, _, _, _, address = infos[0]
@@ -514,67 +502,24 @@ class UDPFaultProxy:
             lambda: _Listener(self), local_addr=(self.listen_host, self.listen_port)
         )
         self._listener = transport
-        self._port = transport.get_extra_info("sockname")[1]
+        port: int = transport.get_extra_info("sockname")[1]
+        return port
 
-    async def stop(self) -> None:
-        """Revert every fault, close every session and stop listening."""
+    async def _shut(self) -> None:
         listener, self._listener = self._listener, None
         if listener is None:
             return
-        # Everything that matters happens before the first await, so a stop run from a
-        # cancelled task (``async with``'s exit) cannot be cut short halfway.
-        for handle in list(self._active):
-            handle.revert()
         listener.close()
         opening = [s.opening for s in self._sessions.values() if s.opening is not None]
         for session in list(self._sessions.values()):
             session.close()
         self._sessions.clear()
-        self._idle = self.loop.create_future()
-        if not self._open_transports:
-            self._idle.set_result(None)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_STOP_TIMEOUT_S):
-                if opening:
-                    await asyncio.wait(opening)
-                await self._idle
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            msg = "the proxy has not started"
-            raise RuntimeError(msg)
-        return self._loop
-
-    @property
-    def port(self) -> int:
-        """The port the proxy listens on (once started)."""
-        if self._port is None:
-            msg = "the proxy has not started"
-            raise RuntimeError(msg)
-        return self._port
+        await self._wait_idle(busy=bool(self._open_transports), opening=opening)
 
     @property
     def sessions(self) -> int:
         """Client addresses with a session now."""
         return len(self._sessions)
-
-    @property
-    def active(self) -> list[UDPFaultHandle]:
-        """The faults in force now, oldest first."""
-        return list(self._active)
 
     def held(self) -> int:
         """Datagrams held back now (delayed or reordered), both directions."""
@@ -582,26 +527,11 @@ class UDPFaultProxy:
 
     # --- faults ---------------------------------------------------------------------
 
-    def apply(self, spec: FaultSpec) -> UDPFaultHandle:
-        """Put a fault in force now; it is reverted after ``spec.duration_s``."""
-        if not isinstance(spec, UDP_FAULTS):
-            msg = f"a UDP proxy cannot apply {type(spec).__name__} (TCP faults need FaultProxy)"
-            raise TypeError(msg)
-        if self._listener is None:
-            msg = "the proxy is not running"
-            raise RuntimeError(msg)
-        loop = self.loop
-        handle = UDPFaultHandle(self, spec, loop.time())
-        self._history.append(handle)
-        self._active.append(handle)
-        handle.expire_after(loop, spec.duration_s)
-        self._refresh()
-        return handle
+    def _handle(self, spec: FaultSpec, now_s: float) -> UDPFaultHandle:
+        return UDPFaultHandle(self, spec, now_s)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of the proxy, per direction, and of every fault applied so far."""
+    def counters(self) -> dict[str, Any]:
         return {
-            "target": {"host": self.target_host, "port": self.target_port},
             "sessions": self.sessions,
             "sessions_opened": self.sessions_opened,
             "sessions_expired": self.sessions_expired,
@@ -610,14 +540,7 @@ class UDPFaultProxy:
             "client_errors": self.client_errors,
             "to_target": asdict(self.to_target),
             "to_client": asdict(self.to_client),
-            "faults": [handle.stats() for handle in self._history],
         }
-
-    def _reverted(self, handle: UDPFaultHandle) -> None:
-        handle.reverted_at_s = self.loop.time()
-        with contextlib.suppress(ValueError):
-            self._active.remove(handle)
-        self._refresh()
 
     def _refresh(self) -> None:
         active = self._active
@@ -684,5 +607,5 @@ class UDPFaultProxy:
 
     def _transport_lost(self) -> None:
         self._open_transports -= 1
-        if self._open_transports == 0 and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
+        if self._open_transports == 0:
+            self._now_idle()
