@@ -34,7 +34,7 @@ from iotix.adapters.base import AdapterError, AdapterSettings, DeviceIdentity, O
 from iotix.adapters.registry import adapter_for
 from iotix.engine.credentials import Credentials, read_credentials
 from iotix.engine.stages import StagePlan
-from iotix.engine.worker import DeviceAction, in_share, shard_snapshot
+from iotix.engine.worker import DeviceAction, Doze, in_share, shard_snapshot
 from iotix.errors import IotixError
 from iotix.metrics import Counters, Histogram, Snapshot
 from iotix.model.runtime import CommandStatus, DeviceBatch
@@ -53,11 +53,6 @@ __all__ = ["MessageWorker"]
 
 _Queued = tuple["DeviceLink", OutgoingMessage, int, float]
 """A message waiting its turn: the link, the message, its QoS, its due time."""
-
-
-def _wake(waiting: asyncio.Future[None] | None) -> None:
-    if waiting is not None and not waiting.done():
-        waiting.set_result(None)
 
 
 STAGE_REVIEW_S = 0.1
@@ -116,7 +111,7 @@ class MessageWorker:
         self._stopping = False
         self._connected_at_stop = 0
         self._adapter: Adapter | None = None
-        self._wakeup: asyncio.Future[None] | None = None
+        self._doze = Doze()
         self._plan = StagePlan(settings.stages, settings.devices) if settings.stages else None
         self._credentials: Credentials | None = None
         if settings.credentials_file is not None:
@@ -160,8 +155,6 @@ class MessageWorker:
         return snapshot
 
     async def _send_loop(self, stop: asyncio.Event, deadline: float | None) -> None:
-        loop = asyncio.get_running_loop()
-
         async def relay() -> None:
             await stop.wait()
             self._nudge()
@@ -182,16 +175,12 @@ class MessageWorker:
                     wake = min(wake, deadline)
                 # Sleep until the next due message, unless a command queued a reply or
                 # the run stops first.
-                self._wakeup = waiting = loop.create_future()
-                timer = loop.call_later(max(wake - self.clock.now_s(), 0.0), _wake, waiting)
-                await waiting
-                timer.cancel()
-                self._wakeup = None
+                await self._doze.sleep(wake - self.clock.now_s())
         finally:
             relaying.cancel()
 
     def _nudge(self) -> None:
-        _wake(self._wakeup)
+        self._doze.nudge()
 
     async def _drain(self, timeout_s: float = 10.0) -> None:
         """Let the sends in flight finish (at most ``timeout_s``)."""

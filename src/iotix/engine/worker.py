@@ -341,8 +341,32 @@ def _next_tick(tick: float, messages: int, cost_s: float, settings: RunSettings)
     return tick + (wanted - tick) * 0.25  # smoothed: one slow round is no trend
 
 
-def _wake(waiting: asyncio.Future[None] | None) -> None:
-    if waiting is not None and not waiting.done():
+class Doze:
+    """A send loop's sleep until its next due message, which :meth:`nudge` cuts short (a
+    command queued a reply that is due sooner, or the run stops)."""
+
+    __slots__ = ("_waiting",)
+
+    def __init__(self) -> None:
+        self._waiting: asyncio.Future[None] | None = None
+
+    async def sleep(self, delay_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiting = waiting = loop.create_future()
+        timer = loop.call_later(max(delay_s, 0.0), _wake, waiting)
+        try:
+            await waiting
+        finally:
+            timer.cancel()
+            self._waiting = None
+
+    def nudge(self) -> None:
+        if self._waiting is not None:
+            _wake(self._waiting)
+
+
+def _wake(waiting: asyncio.Future[None]) -> None:
+    if not waiting.done():
         waiting.set_result(None)
 
 
@@ -457,7 +481,7 @@ class Worker:
         self._random = random.Random(f"{settings.seed}:worker:{worker_id}")  # noqa: S311 - jitter
         self._stopping = False
         self._connected_at_stop = 0
-        self._wakeup: asyncio.Future[None] | None = None
+        self._doze = Doze()
         self._rebooting: list[_Device] = []
         self._wheel: dict[int, list[MQTTConnection]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -503,7 +527,6 @@ class Worker:
             asyncio.create_task(self._keepalive(), name=f"{name}-keepalive"),
             asyncio.create_task(self._relay(stop), name=f"{name}-stop"),
         ]
-        loop = asyncio.get_running_loop()
         tick = settings.tick_s
         try:
             while not stop.is_set():
@@ -524,11 +547,7 @@ class Worker:
                     wake = min(wake, deadline)
                 # Sleep until the next due message, unless a command queued a reply or
                 # the run is stopped first (see _nudge).
-                self._wakeup = waiting = loop.create_future()
-                timer = loop.call_later(max(wake - self.clock.now_s(), 0.0), _wake, waiting)
-                await waiting
-                timer.cancel()
-                self._wakeup = None
+                await self._doze.sleep(wake - self.clock.now_s())
         finally:
             self._stopping = True
             self._connected_at_stop = self.connected
@@ -600,7 +619,7 @@ class Worker:
 
     def _nudge(self) -> None:
         """End the send loop's sleep now (a reply is due, or the run stops)."""
-        _wake(self._wakeup)
+        self._doze.nudge()
 
     async def _report(self) -> None:
         while True:
