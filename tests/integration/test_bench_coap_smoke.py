@@ -9,29 +9,15 @@ cores. Only the shape of the results is checked: timings on a shared machine say
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from iotix.testing.coap import find_coap_server
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 DEVICES = 40
 
 
-@pytest.fixture(autouse=True)
-def _bench_on_path() -> Iterator[None]:
-    """The bench scripts import each other by name, as they do when run as scripts."""
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+pytestmark = pytest.mark.usefixtures("bench_on_path")
 
 
 @pytest.fixture

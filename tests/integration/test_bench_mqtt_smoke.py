@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -19,19 +17,12 @@ from iotix.testing import MosquittoBroker
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 DEVICES = 8
 
 
-@pytest.fixture(autouse=True)
-def _bench_on_path() -> Iterator[None]:
-    """The bench scripts import each other by name, as they do when run as scripts."""
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+pytestmark = pytest.mark.usefixtures("bench_on_path")
 
 
 @pytest.fixture
